@@ -1,0 +1,1 @@
+"""Dynamic-convolution layers shared by the model families."""
