@@ -1,0 +1,291 @@
+"""Omni-dimensional dynamic convolution (ODConv).
+
+Paper: `Omni-Dimensional Dynamic Convolution` - https://openreview.net/forum?id=DmpCfq6Mg39 (ICLR 2022)
+Original code: https://github.com/OSVAI/ODConv (modules/odconv.py); parameter names follow that release.
+
+A squeeze-and-excitation style branch predicts four attentions per sample: over the input channels (channel),
+the output channels (filter), the k*k kernel positions (spatial) and the `kernel_num` candidate kernels (kernel).
+The sample's kernel is `sum_n kernel[n] * spatial * channel * filter * weight[n]` (paper eq. 2).
+
+The released code always builds that per-sample kernel and runs one grouped convolution with groups = batch.
+`ODConv2d.forward` computes the same result with cheaper exact rewrites (measured in scripts/benchmark_odconv.py,
+results in benchmarks/odconv.md): the channel and filter attentions scale activations instead of kernels; the kernels
+are aggregated by a matmul over `kernel_num`; a point-wise ODConv is a plain convolution with the static weight (one
+kernel) or a batched matmul (several); a k x k ODConv on a small output map is im2col + GEMM with the spatial and
+channel attentions on the columns (with one kernel the GEMM uses the static weight); larger maps keep the per-sample
+kernels and the grouped convolution, which are cheap there relative to the convolution.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['ODAttention', 'ODConv2d', 'ODConvTrainingHooks', 'odconv_temperature']
+
+# Output maps up to this many pixels take the im2col path: a per-sample kernel element is then used by so few output
+# pixels that writing B per-sample kernels costs more than the convolution (measured: benchmarks/odconv.md).
+_UNFOLD_MAX_PIXELS = 64
+
+
+def odconv_temperature(epochs: float, temp_init: float = 30., temp_epochs: float = 10.) -> float:
+    """Attention temperature after `epochs` (fractional) epochs of training.
+
+    Linear from `temp_init` at epoch 0 to 1 at `temp_epochs`, then 1 (original utils/misc.py `get_temperature`,
+    there evaluated per iteration; `epochs = epoch + step / steps_per_epoch` gives the same schedule).
+    """
+    if temp_epochs <= 0:
+        return 1.
+    return 1. + max(0., (temp_init - 1.) * (1. - epochs / temp_epochs))
+
+
+class ODAttention(nn.Module):
+    """Attention branch of ODConv: GAP -> 1x1 fc -> BN -> ReLU -> one 1x1 fc per attention.
+
+    The filter attention is absent for depth-wise convolutions, the spatial one for point-wise convolutions and the
+    kernel one when there is a single kernel (as released). The temperature divides every attention's logits while
+    training; it is a non-persistent buffer (official checkpoints have none) and is ignored in eval mode.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            kernel_size: int,
+            groups: int = 1,
+            reduction: float = 0.0625,
+            kernel_num: int = 4,
+            min_chs: int = 16,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        attn_chs = max(int(in_chs * reduction), min_chs)
+        self.kernel_size = kernel_size
+        self.kernel_num = kernel_num
+        self.fc = nn.Conv2d(in_chs, attn_chs, 1, bias=False, **dd)
+        self.bn = nn.BatchNorm2d(attn_chs, **dd)
+        self.act = nn.ReLU(inplace=True)
+        self.channel_fc = nn.Conv2d(attn_chs, in_chs, 1, **dd)
+        is_depthwise = in_chs == groups and in_chs == out_chs
+        self.filter_fc = None if is_depthwise else nn.Conv2d(attn_chs, out_chs, 1, **dd)
+        self.spatial_fc = None if kernel_size == 1 else nn.Conv2d(attn_chs, kernel_size * kernel_size, 1, **dd)
+        self.kernel_fc = None if kernel_num == 1 else nn.Conv2d(attn_chs, kernel_num, 1, **dd)
+        self.register_buffer('temperature', torch.ones((), device=device, dtype=torch.float32), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.temperature.fill_(1.)
+
+    def _head(self, fc: Optional[nn.Conv2d], hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        if fc is None:
+            return None
+        logits = F.linear(hidden, fc.weight.flatten(1), fc.bias)
+        return logits / self.temperature if self.training else logits
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
+                                                  Optional[torch.Tensor]]:
+        """Returns (channel (B, in), filter (B, out), spatial (B, k*k), kernel (B, kernel_num)); absent ones None."""
+        if self.training and x.shape[0] == 1:
+            raise ValueError(
+                'ODConv attention got a training batch of 1: its BatchNorm needs >= 2 samples per device. '
+                'Drop the last incomplete batch (drop_last=True), use a larger batch, or call model.eval().')
+        # 1x1 convs on a pooled vector are linear layers; F.linear skips the conv dispatch and is counted the same.
+        pooled = x.mean((2, 3))
+        hidden = F.linear(pooled, self.fc.weight.flatten(1))
+        hidden = self.act(self.bn(hidden[:, :, None, None])).flatten(1)
+        channel = torch.sigmoid(self._head(self.channel_fc, hidden))
+        filter_ = self._head(self.filter_fc, hidden)
+        spatial = self._head(self.spatial_fc, hidden)
+        kernel = self._head(self.kernel_fc, hidden)
+        return (
+            channel,
+            None if filter_ is None else torch.sigmoid(filter_),
+            None if spatial is None else torch.sigmoid(spatial),
+            None if kernel is None else torch.softmax(kernel, dim=1),
+        )
+
+
+class ODConv2d(nn.Module):
+    """Omni-dimensional dynamic 2d convolution (no bias), drop-in for `nn.Conv2d(..., bias=False)`.
+
+    Args:
+        in_chs: Input channels.
+        out_chs: Output channels.
+        kernel_size: Square kernel size.
+        stride: Convolution stride.
+        padding: Zero padding.
+        dilation: Kernel dilation.
+        groups: Convolution groups (groups == in_chs == out_chs is depth-wise: no filter attention).
+        reduction: Attention hidden width = max(int(in_chs * reduction), 16).
+        kernel_num: Number of candidate kernels (1 keeps the leading dimension of `weight`).
+        device: Parameter device.
+        dtype: Parameter dtype.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            kernel_size: int,
+            stride: int = 1,
+            padding: int = 0,
+            dilation: int = 1,
+            groups: int = 1,
+            reduction: float = 0.0625,
+            kernel_num: int = 4,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if in_chs % groups or out_chs % groups:
+            raise ValueError(f'ODConv2d: in_chs ({in_chs}) and out_chs ({out_chs}) must be divisible by groups '
+                             f'({groups})')
+        self.in_chs = in_chs
+        self.out_chs = out_chs
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.dilation = dilation
+        self.groups = groups
+        self.kernel_num = kernel_num
+        self.attention = ODAttention(
+            in_chs, out_chs, kernel_size, groups=groups, reduction=reduction, kernel_num=kernel_num, **dd)
+        self.weight = nn.Parameter(
+            torch.empty(kernel_num, out_chs, in_chs // groups, kernel_size, kernel_size, **dd))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in self.weight.data:
+            nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu')
+
+    def extra_repr(self) -> str:
+        return (f'{self.in_chs}, {self.out_chs}, kernel_size={self.kernel_size}, stride={self.stride}, '
+                f'padding={self.padding}, dilation={self.dilation}, groups={self.groups}, '
+                f'kernel_num={self.kernel_num}')
+
+    def _sample_weights(
+            self,
+            spatial: Optional[torch.Tensor],
+            kernel: Optional[torch.Tensor],
+            batch_size: int,
+    ) -> torch.Tensor:
+        """Per-sample kernels (B, out, in/groups, k, k) from the kernel and spatial attentions."""
+        weight = self.weight
+        if kernel is None:
+            weight = weight.expand(batch_size, -1, -1, -1, -1)
+        else:
+            # A matmul over kernel_num, not the released broadcast-and-sum (which materializes B x kernel_num kernels).
+            weight = (kernel @ weight.flatten(1)).view(batch_size, *weight.shape[1:])
+        if spatial is not None:
+            weight = weight * spatial.view(batch_size, 1, 1, self.kernel_size, self.kernel_size)
+        return weight
+
+    def _output_size(self, size: int) -> int:
+        return (size + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
+
+    def _forward_pointwise(self, x, channel, kernel):
+        """1x1, several kernels: batched matmul with per-sample (out x in) weights; keeps NCHW or channels_last."""
+        batch_size = x.shape[0]
+        x = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
+        height, width = x.shape[-2:]
+        weight = self._sample_weights(None, kernel, batch_size).view(batch_size, self.out_chs, self.in_chs)
+        # The channel attention goes on whichever operand is smaller.
+        if height * width < self.out_chs:
+            x = x * channel[:, :, None, None]
+        else:
+            weight = weight * channel[:, None, :]
+        if x.is_contiguous():
+            out = torch.bmm(weight, x.reshape(batch_size, self.in_chs, height * width))
+            return out.view(batch_size, self.out_chs, height, width)
+        x_flat = x.permute(0, 2, 3, 1).reshape(batch_size, height * width, self.in_chs)
+        out = torch.bmm(x_flat, weight.transpose(1, 2))
+        return out.view(batch_size, height, width, self.out_chs).permute(0, 3, 1, 2)
+
+    def _forward_unfold(self, x, channel, spatial, kernel):
+        """k x k on small maps: im2col columns scaled by the channel and spatial attentions, then one GEMM with the
+        static weight (kernel_num 1) or a bmm with kernel-aggregated weights; per-sample kernels never see the
+        spatial attention, so they are written once."""
+        batch_size, _, height, width = x.shape
+        out_h, out_w = self._output_size(height), self._output_size(width)
+        kk = self.kernel_size * self.kernel_size
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        cols = cols.view(batch_size, self.in_chs, kk, -1) * (channel[:, :, None, None] * spatial[:, None, :, None])
+        cols = cols.view(batch_size, self.in_chs * kk, -1)
+        if kernel is None:
+            cols = cols.transpose(0, 1).reshape(self.in_chs * kk, -1)
+            out = (self.weight.view(self.out_chs, -1) @ cols).view(self.out_chs, batch_size, -1).transpose(0, 1)
+        else:
+            weight = (kernel @ self.weight.flatten(1)).view(batch_size, self.out_chs, -1)
+            out = torch.bmm(weight, cols)
+        memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and \
+            not x.is_contiguous() else torch.contiguous_format
+        return out.reshape(batch_size, self.out_chs, out_h, out_w).contiguous(memory_format=memory_format)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channel, filter_, spatial, kernel = self.attention(x)
+        batch_size = x.shape[0]
+        if self.kernel_size == 1 and self.kernel_num == 1:
+            # All attentions act on activations: a plain convolution with the static weight.
+            out = F.conv2d(x * channel[:, :, None, None], self.weight[0], None, self.stride, self.padding,
+                           self.dilation, self.groups)
+        elif self.kernel_size == 1 and self.groups == 1 and self.padding == 0:
+            out = self._forward_pointwise(x, channel, kernel)
+        elif filter_ is None:
+            # Depth-wise: the channel attention scales the per-sample kernels (k*k per channel, cheaper than HxW).
+            weight = self._sample_weights(spatial, kernel, batch_size) * channel[:, :, None, None, None]
+            out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, 1, *weight.shape[3:]), None,
+                           self.stride, self.padding, self.dilation, self.groups * batch_size)
+            return out.view(batch_size, self.out_chs, *out.shape[2:])
+        elif self.groups == 1 and self._output_size(x.shape[2]) * self._output_size(x.shape[3]) <= _UNFOLD_MAX_PIXELS:
+            out = self._forward_unfold(x, channel, spatial, kernel)
+        else:
+            # Per-sample kernels and one convolution with groups = batch (the release's scheme).
+            weight = self._sample_weights(spatial, kernel, batch_size)
+            x = x * channel[:, :, None, None]
+            out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]), None,
+                           self.stride, self.padding, self.dilation, self.groups * batch_size)
+            out = out.view(batch_size, self.out_chs, *out.shape[2:])
+        return out * filter_[:, :, None, None]
+
+
+class ODConvTrainingHooks:
+    """Model mixin: the framework's generic training hooks, driving every ODConv temperature in the model.
+
+    The model sets `temp_init` and `temp_epochs` (model kwargs). train.py calls `set_training_progress` before every
+    step; checkpoints keep `training_hook_state`. A model never given progress trains at temperature 1.
+    """
+    temp_init: float = 30.
+    temp_epochs: float = 10.
+
+    def _od_attentions(self):
+        return [m for m in self.modules() if isinstance(m, ODAttention)]
+
+    def set_temperature(self, temperature: float) -> None:
+        """Sets the training-mode temperature of every ODConv attention (eval mode always uses 1)."""
+        for m in self._od_attentions():
+            m.temperature.fill_(temperature)
+
+    def set_training_progress(self, epochs: float) -> None:
+        """Anneals the temperature for `epochs` (fractional) epochs done (linear temp_init -> 1 over temp_epochs)."""
+        self.set_temperature(odconv_temperature(epochs, self.temp_init, self.temp_epochs))
+
+    def training_hook_log(self) -> dict:
+        attentions = self._od_attentions()
+        return {'temperature': float(attentions[0].temperature) if attentions else 1.}
+
+    def training_hook_state(self) -> dict:
+        return self.training_hook_log()
+
+    def load_training_hook_state(self, state: dict) -> None:
+        self.set_temperature(float(state.get('temperature', 1.)))

@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Parameters and multiply-adds (GMACs) of a model at its default input size.
+
+Counted with torch.utils.flop_counter.FlopCounterMode (MACs = FLOPs / 2), which also counts the project's compiled
+dynamic-filter op (ops/ddf.py registers its FLOP formula), so the numbers can be checked against the papers' FLOPs /
+Madds. The model is built on the meta device (no memory, no arithmetic) when its forward allows it, else on CPU.
+
+Usage:
+    python scripts/model_info.py ddf_mul_resnet50
+    python scripts/model_info.py od_resnet50 --model-kwargs kernel_num=4 --img-size 256 --depth 2
+"""
+import argparse
+import difflib
+import logging
+import os
+import sys
+from typing import Optional, Sequence, Tuple
+
+import timm
+import torch
+from timm.utils import ParseKwargs
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import models  # noqa: E402,F401  (registers the project's models)
+
+__all__ = ['count_params_and_macs', 'create_counting_model', 'default_input_size', 'model_info']
+
+_logger = logging.getLogger(__name__)
+
+
+def default_input_size(model: torch.nn.Module, img_size: Optional[int] = None) -> Tuple[int, int, int]:
+    """(C, H, W) from the model's pretrained cfg, with H = W = img_size if given."""
+    channels, height, width = model.pretrained_cfg.get('input_size', (3, 224, 224))
+    return (channels, img_size, img_size) if img_size else (channels, height, width)
+
+
+def count_params_and_macs(
+        model: torch.nn.Module,
+        input_size: Sequence[int],
+        depth: Optional[int] = None,
+) -> Tuple[int, int]:
+    """Count a model's parameters and the multiply-adds of one eval-mode forward pass of one image.
+
+    Args:
+        model: The model, on any device (meta included); put in eval mode for the count, then restored.
+        input_size: (C, H, W) of the image.
+        depth: If given, log FlopCounterMode's per-module table down to this depth.
+
+    Returns:
+        (params, macs) as integers.
+    """
+    params = sum(p.numel() for p in model.parameters())
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        counter = FlopCounterMode(display=False, depth=depth or 1)
+        with torch.no_grad(), counter:
+            model(torch.zeros(1, *input_size, device=device))
+    finally:
+        model.train(was_training)
+    if depth:
+        _logger.info('\n' + counter.get_table(depth))
+    return params, counter.get_total_flops() // 2
+
+
+def create_counting_model(name: str, **kwargs) -> torch.nn.Module:
+    """Build a model on the meta device (fast, no memory) for counting."""
+    with torch.device('meta'):
+        return timm.create_model(name, **kwargs)
+
+
+def model_info(name: str, img_size: Optional[int] = None, depth: Optional[int] = None, **kwargs) -> dict:
+    """Params (M) and GMACs of a registered model at its default (or the given) input size.
+
+    The count runs on the meta device; models whose forward needs real values are counted on CPU instead.
+    """
+    model = create_counting_model(name, **kwargs)
+    input_size = default_input_size(model, img_size)
+    try:
+        params, macs = count_params_and_macs(model, input_size, depth)
+    except (NotImplementedError, RuntimeError) as e:
+        _logger.info(f'{name}: meta-device forward failed ({str(e).splitlines()[0]}); counting on CPU.')
+        model = timm.create_model(name, **kwargs)
+        params, macs = count_params_and_macs(model, input_size, depth)
+    return dict(model=name, params_m=params / 1e6, gmacs=macs / 1e9, input_size=input_size)
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    parser = argparse.ArgumentParser(description='Parameters and GMACs of a registered model')
+    parser.add_argument('model', help='registered model name, e.g. ddf_mul_resnet50')
+    parser.add_argument('--img-size', type=int, default=None, help="square input size (default: the model cfg's)")
+    parser.add_argument('--num-classes', type=int, default=None, help='classifier size (default: the model cfg)')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='key=value entrypoint args')
+    parser.add_argument('--depth', type=int, default=None, help='also print GMACs per module down to this depth')
+    args = parser.parse_args(argv)
+    if not timm.is_model(args.model):
+        close = difflib.get_close_matches(args.model, timm.list_models(), n=5, cutoff=0.6)
+        parser.error(f'unknown model {args.model!r}: ' + (f'did you mean {", ".join(close)}?' if close else
+                                                          'list them with timm.list_models()'))
+    if args.img_size is not None and args.img_size < 1:
+        parser.error('--img-size must be positive')
+    kwargs = dict(args.model_kwargs)
+    if args.num_classes is not None:
+        kwargs['num_classes'] = args.num_classes
+    try:
+        info = model_info(args.model, img_size=args.img_size, depth=args.depth, **kwargs)
+    except TypeError as e:
+        parser.error(f'model {args.model} rejected its arguments {kwargs}: {e}')
+    c, h, w = info['input_size']
+    print(f'{info["model"]}: {info["params_m"]:.2f}M params, {info["gmacs"]:.3f} GMACs at {c}x{h}x{w}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""Checkpoint loading (models/_helpers.py): every release format, unsafe pickles refused, broken files reported."""
+import argparse
+import sys
+import types
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+from models._helpers import CheckpointError, load_checkpoint, load_checkpoint_file, state_dict_mismatch
+
+TINY_MODEL = 'test_resnet'  # timm's 0.4M-parameter test ResNet: builds in milliseconds
+
+
+def _tiny(seed: int, **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(TINY_MODEL, num_classes=10, **kwargs)
+
+
+def _assert_same_weights(model: nn.Module, state_dict: dict):
+    own = model.state_dict()
+    assert own.keys() == state_dict.keys()
+    for k, v in state_dict.items():
+        torch.testing.assert_close(own[k], v, rtol=0, atol=0, msg=k)
+
+
+def _optimizer_state(model: nn.Module) -> dict:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()  # fills the momentum buffers a real training checkpoint carries
+    return opt.state_dict()
+
+
+def _module_prefixed(state_dict: dict) -> OrderedDict:
+    return OrderedDict(('module.' + k, v) for k, v in state_dict.items())
+
+
+def _fake_yacs_cfgnode():
+    """A stand-in for yacs.config.CfgNode that pickles exactly like it (dict items plus four flags in __dict__)."""
+
+    class CfgNode(dict):
+        def __init__(self, init_dict=None):
+            super().__init__(init_dict or {})
+            self.__dict__['__immutable__'] = False
+            self.__dict__['__deprecated_keys__'] = set()
+            self.__dict__['__renamed_keys__'] = {}
+            self.__dict__['__new_allowed__'] = False
+
+        def __getattr__(self, name):
+            if name in self:
+                return self[name]
+            raise AttributeError(name)
+
+        def __setattr__(self, name, value):
+            self[name] = value
+
+    CfgNode.__module__ = 'yacs.config'
+    CfgNode.__qualname__ = 'CfgNode'
+    return CfgNode
+
+
+def _swin_config(monkeypatch):
+    """DWNet's Swin-style `config` (yacs CfgNode); the fake yacs module exists only while saving."""
+    cfg_node = _fake_yacs_cfgnode()
+    yacs, yacs_config = types.ModuleType('yacs'), types.ModuleType('yacs.config')
+    yacs_config.CfgNode = cfg_node
+    yacs.config = yacs_config
+    monkeypatch.setitem(sys.modules, 'yacs', yacs)
+    monkeypatch.setitem(sys.modules, 'yacs.config', yacs_config)
+    config = cfg_node()
+    config.MODEL = cfg_node({'TYPE': 'dwnet', 'NAME': 'dwnet_tiny_patch4_window7_224', 'DROP_PATH_RATE': 0.2})
+    config.MODEL.DWNET = cfg_node({'DEPTHS': [2, 2, 6, 2], 'WINDOW_SIZE': 7, 'DYNAMIC': False})
+    config.DATA = cfg_node({'IMG_SIZE': 224, 'INTERPOLATION': 'bicubic', 'MEAN': (0.485, 0.456, 0.406)})
+    config.AMP_OPT_LEVEL = 'O1'
+    config.__dict__['__immutable__'] = True
+    return config
+
+
+def build_release(fmt: str, src: nn.Module, monkeypatch) -> dict:
+    """The dict a release's training script would have saved for `src` (see the original repositories)."""
+    sd = src.state_dict()
+    if fmt == 'plain':
+        return sd
+    if fmt == 'state_dict':
+        return {'state_dict': sd}
+    if fmt == 'model':
+        return {'model': sd}
+    if fmt == 'state_dict_ema':
+        return {'state_dict_ema': sd}
+    if fmt == 'module_prefix':
+        return _module_prefixed(sd)
+    if fmt == 'ddfnet_timm':
+        # timm 0.4.5 CheckpointSaver as run by ddfnet's train.py with --amp (native scaler) and a float metric.
+        args = argparse.Namespace(
+            model='ddf_mul_resnet50', lr=0.4, batch_size=128, epochs=120, sched='cosine', aa='rand-m7-mstd0.5-inc1',
+            mean=None, std=None, input_size=None, amp=True, dist_bn='reduce', distributed=True, world_size=8)
+        return {
+            'epoch': 119, 'arch': args.model, 'state_dict': sd, 'optimizer': _optimizer_state(src), 'version': 2,
+            'args': args, 'amp_scaler': torch.amp.GradScaler('cpu').state_dict(), 'metric': np.float64(79.1)}
+    if fmt == 'odconv_main':
+        # OSVAI/ODConv main.py: DataParallel/DDP weights, accuracies as tensors.
+        return {
+            'epoch': 100, 'state_dict': _module_prefixed(sd), 'acc': torch.tensor(74.2), 'best_acc': torch.tensor(74.3),
+            'optimizer': _optimizer_state(src)}
+    if fmt == 'swin':
+        # Atten4Vis/DemystifyLocalViT utils.save_checkpoint: weights under 'model', yacs config, apex amp state.
+        return {
+            'model': sd, 'optimizer': _optimizer_state(src), 'lr_scheduler': {'last_epoch': 300},
+            'max_accuracy': 81.2, 'epoch': 299, 'config': _swin_config(monkeypatch),
+            'amp': {'loss_scaler0': {'loss_scale': 65536.0, 'unskipped': 0}}}
+    if fmt == 'torchvision':
+        # pytorch/examples imagenet/main.py save_checkpoint.
+        return {
+            'epoch': 120, 'arch': 'g_resnext50', 'state_dict': _module_prefixed(sd), 'best_acc1': torch.tensor(78.6),
+            'optimizer': _optimizer_state(src), 'scheduler': {'last_epoch': 120}}
+    raise ValueError(fmt)
+
+
+FORMATS = [
+    'plain', 'state_dict', 'model', 'state_dict_ema', 'module_prefix', 'ddfnet_timm', 'odconv_main', 'swin',
+    'torchvision']
+
+
+@pytest.mark.parametrize('legacy', [False, True], ids=['zip', 'legacy'])
+@pytest.mark.parametrize('fmt', FORMATS)
+def test_release_formats_load_strict(fmt, legacy, tmp_path, monkeypatch):
+    src = _tiny(0)
+    path = tmp_path / 'release.pth'
+    torch.save(build_release(fmt, src, monkeypatch), path, _use_new_zipfile_serialization=not legacy)
+    monkeypatch.delitem(sys.modules, 'yacs', raising=False)
+    monkeypatch.delitem(sys.modules, 'yacs.config', raising=False)
+
+    dst = _tiny(1)
+    meta = load_checkpoint(dst, str(path))
+    _assert_same_weights(dst, src.state_dict())
+    assert 'yacs' not in sys.modules  # the config was rebuilt without importing (or running) yacs
+    expected_key = {'plain': None, 'module_prefix': None, 'model': 'model', 'swin': 'model',
+                    'state_dict_ema': 'state_dict_ema'}.get(fmt, 'state_dict')
+    assert meta['weights_key'] == expected_key
+    if fmt == 'swin':
+        assert meta['max_accuracy'] == 81.2 and meta['epoch'] == 299
+        config = load_checkpoint_file(str(path))['config']
+        assert config['MODEL']['DWNET']['DEPTHS'] == [2, 2, 6, 2] and config['AMP_OPT_LEVEL'] == 'O1'
+    if fmt == 'ddfnet_timm':
+        assert meta['arch'] == 'ddf_mul_resnet50' and meta['metric'] == pytest.approx(79.1)
+        assert load_checkpoint_file(str(path))['args'].lr == 0.4
+    if fmt == 'odconv_main':
+        assert meta['best_acc'] == pytest.approx(74.3)
+
+
+def test_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+    src = _tiny(0)
+    path = tmp_path / 'weights.safetensors'
+    save_file(src.state_dict(), str(path))
+    dst = _tiny(1)
+    load_checkpoint(dst, str(path))
+    _assert_same_weights(dst, src.state_dict())
+
+
+def test_numpy1_scalars_load(tmp_path):
+    """Files written under numpy < 2 name the scalar constructor `numpy.core.multiarray.scalar`."""
+    path = tmp_path / 'old_numpy.pth'
+    torch.save({'state_dict': _tiny(0).state_dict(), 'metric': np.float64(78.5), 'best': np.float32(1.5)}, path,
+               _use_new_zipfile_serialization=False)  # one plain pickle stream: names can be rewritten in place
+    data = path.read_bytes()
+    assert b'numpy._core.multiarray\nscalar' in data
+    path.write_bytes(data.replace(b'numpy._core.multiarray\nscalar', b'numpy.core.multiarray\nscalar'))
+    checkpoint = load_checkpoint_file(str(path))
+    assert checkpoint['metric'] == 78.5 and checkpoint['best'] == 1.5
+
+
+def test_use_ema_selects_ema_weights(tmp_path):
+    model, ema = _tiny(0), _tiny(1)
+    path = tmp_path / 'train.pth.tar'
+    torch.save({'state_dict': model.state_dict(), 'state_dict_ema': ema.state_dict(), 'epoch': 3}, path)
+    dst = _tiny(2)
+    load_checkpoint(dst, str(path), use_ema=True)
+    _assert_same_weights(dst, ema.state_dict())
+    load_checkpoint(dst, str(path))
+    _assert_same_weights(dst, model.state_dict())
+
+
+def test_use_ema_without_ema_weights(tmp_path):
+    path = tmp_path / 'plain.pth'
+    torch.save({'state_dict': _tiny(0).state_dict()}, path)
+    with pytest.raises(CheckpointError, match='no EMA weights.*drop --use-ema'):
+        load_checkpoint(_tiny(1), str(path), use_ema=True)
+
+
+class _RunsCode:
+    """Unpickling this creates the marker file: the shape of a malicious checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, 'w')
+
+
+@pytest.mark.parametrize('legacy', [False, True], ids=['zip', 'legacy'])
+def test_pickled_code_is_refused_not_run(legacy, tmp_path):
+    marker = tmp_path / 'pwned'
+    path = tmp_path / 'evil.pth'
+    torch.save({'state_dict': _tiny(0).state_dict(), 'payload': _RunsCode(marker)}, path,
+               _use_new_zipfile_serialization=not legacy)
+
+    with pytest.raises(CheckpointError, match=r'outside the allowlist \(.*open.*\); nothing was run'):
+        load_checkpoint(_tiny(1), str(path))
+    assert not marker.exists()
+
+    # The payload is live: an unrestricted load would have run it.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_truncated_checkpoint(tmp_path):
+    path = tmp_path / 'full.pth'
+    torch.save({'state_dict': _tiny(0).state_dict()}, path)
+    data = path.read_bytes()
+    cut = tmp_path / 'cut.pth'
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match='truncated or corrupt'):
+        load_checkpoint(_tiny(1), str(cut))
+
+    legacy = tmp_path / 'legacy.pth'
+    torch.save({'state_dict': _tiny(0).state_dict()}, legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match='truncated or corrupt'):
+        load_checkpoint(_tiny(1), str(legacy))
+
+
+@pytest.mark.parametrize(
+    'content', [b'\xff\xd8\xff\xe0 a JPEG', b'model weights\n', b''], ids=['jpeg', 'text', 'empty'])
+def test_not_a_checkpoint(content, tmp_path):
+    path = tmp_path / 'weights.pth'
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match='is not a PyTorch checkpoint'):
+        load_checkpoint(_tiny(0), str(path))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match='does not exist'):
+        load_checkpoint(_tiny(0), str(tmp_path / 'nope.pth'))
+
+
+def test_checkpoint_without_weights(tmp_path):
+    path = tmp_path / 'opt_only.pth'
+    torch.save({'optimizer': {'state': {}}, 'epoch': 1}, path)
+    with pytest.raises(CheckpointError, match="has no weights.*found keys \\['epoch', 'optimizer'\\]"):
+        load_checkpoint(_tiny(0), str(path))
+
+
+def test_checkpoint_of_another_model_lists_keys(tmp_path):
+    path = tmp_path / 'other.pth'
+    torch.manual_seed(0)
+    torch.save({'state_dict': timm.create_model('test_convnext', num_classes=10).state_dict()}, path)
+    dst = _tiny(1)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(dst, str(path))
+    msg = str(info.value)
+    assert '\n' not in msg
+    assert 'does not fit model test_resnet' in msg
+    assert 'missing [conv1.0.weight' in msg and 'unexpected [stem.0.weight' in msg
+    _assert_same_weights(dst, before)  # nothing was half-loaded
+
+
+def test_wrong_num_classes_names_shapes(tmp_path):
+    path = tmp_path / 'head.pth'
+    torch.save(_tiny(0).state_dict(), path)
+    torch.manual_seed(0)
+    dst = timm.create_model(TINY_MODEL, num_classes=1000)
+    with pytest.raises(CheckpointError, match=r'2 mis-shaped \[fc.weight \(10, .*\) vs model \(1000, .*\)'):
+        load_checkpoint(dst, str(path))
+
+
+def test_state_dict_mismatch_lists():
+    model = _tiny(0)
+    sd = model.state_dict()
+    sd['extra'] = torch.zeros(1)
+    sd.pop('fc.bias')
+    sd['fc.weight'] = torch.zeros(3, 3)
+    missing, unexpected, misshaped = state_dict_mismatch(model, sd)
+    assert missing == ['fc.bias'] and unexpected == ['extra']
+    assert len(misshaped) == 1 and misshaped[0].startswith('fc.weight (3, 3) vs model (10,')
+
+
+def test_model_module_filter_fn_is_applied(tmp_path, monkeypatch):
+    """A model's module-level checkpoint_filter_fn (timm convention) maps foreign key names before loading."""
+    module = types.ModuleType('foreign_release_model')
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 2)
+
+    def checkpoint_filter_fn(state_dict, model):
+        return {k.replace('classifier.', 'head.'): v for k, v in state_dict.items()}
+
+    Net.__module__ = module.__name__
+    module.Net, module.checkpoint_filter_fn = Net, checkpoint_filter_fn
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+
+    torch.manual_seed(0)
+    src = Net()
+    path = tmp_path / 'foreign.pth'
+    torch.save({'state_dict': {k.replace('head.', 'classifier.'): v for k, v in src.state_dict().items()}}, path)
+    dst = Net()
+    load_checkpoint(dst, str(path))
+    _assert_same_weights(dst, src.state_dict())
+    with pytest.raises(CheckpointError, match=r'missing \[head.weight, head.bias\]'):
+        load_checkpoint(Net(), str(path), filter_fn=lambda sd, model: sd)
+
+
+def test_not_a_dict(tmp_path):
+    path = tmp_path / 'list.pth'
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(CheckpointError, match='holds a list, not a state_dict'):
+        load_checkpoint(_tiny(0), str(path))

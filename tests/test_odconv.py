@@ -1,0 +1,254 @@
+"""ODConv family: the layer against the release's formulation, the temperature hooks, the models and the configs."""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+import models  # noqa: F401  (registers the od_* models)
+from models._helpers import load_checkpoint
+from models.layers.odconv import ODConv2d, odconv_temperature
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / 'shared' / 'reference'
+OD_MODELS = sorted(timm.list_models(module=('od_resnet', 'od_mobilenetv2')))
+# (in, out, kernel_size, stride, groups): point-wise, 3x3, strided 3x3, depth-wise, grouped, strided point-wise.
+LAYER_CASES = [(8, 12, 1, 1, 1), (8, 12, 3, 1, 1), (8, 12, 3, 2, 1), (8, 8, 3, 2, 8), (8, 12, 3, 1, 4),
+               (8, 12, 1, 2, 1)]
+# Published parameter counts (README table), millions.
+PUBLISHED_PARAMS = {
+    ('od_resnet18', 1): 11.94, ('od_resnet18', 4): 44.90, ('od_resnet50', 1): 28.64, ('od_resnet50', 4): 90.67,
+    ('od_resnet101', 1): 50.82, ('od_resnet101', 2): 90.44,
+    ('od_mobilenetv2_100', 1): 4.94, ('od_mobilenetv2_100', 4): 11.51, ('od_mobilenetv2_075', 1): 3.51,
+    ('od_mobilenetv2_075', 4): 7.50, ('od_mobilenetv2_050', 1): 2.43, ('od_mobilenetv2_050', 4): 4.44,
+}
+
+
+def released_odconv(layer: ODConv2d, x: torch.Tensor) -> torch.Tensor:
+    """Oracle: the release's formulation (modules/odconv.py), per-sample kernels + conv with groups = batch."""
+    attn = layer.attention
+    batch, _, height, width = x.shape
+    k = layer.kernel_size
+    pooled = F.adaptive_avg_pool2d(x, 1)
+    hidden = attn.act(attn.bn(attn.fc(pooled)))
+    temperature = attn.temperature if layer.training else 1.
+    channel = torch.sigmoid(attn.channel_fc(hidden) / temperature)
+    filter_ = torch.sigmoid(attn.filter_fc(hidden) / temperature) if attn.filter_fc is not None else 1.
+    spatial = 1.
+    if attn.spatial_fc is not None:
+        spatial = torch.sigmoid(attn.spatial_fc(hidden).view(batch, 1, 1, 1, k, k) / temperature)
+    kernel = 1.
+    if attn.kernel_fc is not None:
+        kernel = torch.softmax(attn.kernel_fc(hidden).view(batch, -1, 1, 1, 1, 1) / temperature, dim=1)
+    if k == 1 and layer.kernel_num == 1:  # the release's point-wise 1x path: a plain conv
+        out = F.conv2d(x * channel, layer.weight[0], None, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return out * filter_
+    weight = (spatial * kernel * layer.weight.unsqueeze(0)).sum(1).reshape(-1, layer.in_chs // layer.groups, k, k)
+    out = F.conv2d((x * channel).reshape(1, -1, height, width), weight, None, layer.stride, layer.padding,
+                   layer.dilation, layer.groups * batch)
+    return out.view(batch, layer.out_chs, *out.shape[2:]) * filter_
+
+
+def _layer(in_chs, out_chs, k, stride, groups, kernel_num, dtype=torch.float64):
+    torch.manual_seed(0)
+    layer = ODConv2d(in_chs, out_chs, k, stride, k // 2, groups=groups, kernel_num=kernel_num).to(dtype)
+    # Non-zero biases so that every attention really varies with the input.
+    for name, p in layer.attention.named_parameters():
+        if name.endswith('_fc.bias'):
+            torch.nn.init.normal_(p)
+    return layer
+
+
+@pytest.mark.parametrize('kernel_num', [1, 2, 4])
+@pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', LAYER_CASES)
+def test_layer_shapes_attentions_and_gradients(in_chs, out_chs, k, stride, groups, kernel_num):
+    layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num, torch.float32)
+    attn = layer.attention
+    assert (attn.filter_fc is None) == (groups == in_chs == out_chs)
+    assert (attn.spatial_fc is None) == (k == 1)
+    assert (attn.kernel_fc is None) == (kernel_num == 1)
+    assert attn.fc.out_channels == 16  # max(int(8 * 0.0625), 16)
+    assert layer.weight.shape == (kernel_num, out_chs, in_chs // groups, k, k)
+    x = torch.randn(3, in_chs, 9, 9, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (3, out_chs, (9 - 1) // stride + 1, (9 - 1) // stride + 1)
+    out.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f'no gradient reaches {name}'
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('kernel_num', [1, 2, 4])
+@pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', LAYER_CASES)
+def test_layer_matches_released_formulation(in_chs, out_chs, k, stride, groups, kernel_num, channels_last):
+    layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num)
+    layer.attention.temperature.fill_(7.)
+    x = torch.randn(3, in_chs, 9, 9, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for train in (True, False):
+        layer.train(train)
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        ours, ref = layer(xs[0]), released_odconv(layer, xs[1])
+        torch.testing.assert_close(ours, ref)
+        grad = torch.randn_like(ref)
+        grads_ours = torch.autograd.grad(ours, [xs[0], layer.weight], grad)
+        grads_ref = torch.autograd.grad(ref, [xs[1], layer.weight], grad)
+        for a, b in zip(grads_ours, grads_ref):
+            torch.testing.assert_close(a, b)
+
+
+def test_batch_of_one_in_training_gives_clear_error():
+    layer = _layer(8, 12, 3, 1, 1, 4, torch.float32)
+    x = torch.randn(1, 8, 5, 5)
+    with pytest.raises(ValueError, match='training batch of 1.*drop_last'):
+        layer(x)
+    layer.eval()
+    assert layer(x).shape == (1, 12, 5, 5)
+
+
+def test_flop_counter_sees_attention_and_kernel_aggregation():
+    layer = ODConv2d(64, 32, 3, padding=1, kernel_num=4).eval()
+    x = torch.randn(2, 64, 10, 10)
+    with FlopCounterMode(display=False) as counter:
+        layer(x)
+    hidden = 16
+    macs = 2 * (
+        64 * hidden + hidden * (64 + 32 + 9 + 4)  # attention fcs
+        + 4 * 32 * 64 * 9  # kernel aggregation (matmul over kernel_num)
+        + 32 * 64 * 9 * 10 * 10  # the convolution
+    )
+    assert counter.get_total_flops() == 2 * macs
+
+
+def test_temperature_schedule_values():
+    assert odconv_temperature(0.) == 30.
+    assert odconv_temperature(5.) == pytest.approx(15.5)
+    assert odconv_temperature(10.) == 1.
+    assert odconv_temperature(42.) == 1.
+    assert odconv_temperature(2., temp_init=5., temp_epochs=4.) == pytest.approx(3.)
+    assert odconv_temperature(0., temp_epochs=0) == 1.
+    # The release's get_temperature(iteration, epoch, iters_per_epoch): same line, per iteration.
+    iters = 100
+    for epoch, it in ((0, 1), (3, 50), (9, 99), (10, 5)):
+        released = 1. + max(0., 29. * (iters * 10 - (it + epoch * iters)) / (iters * 10))
+        assert odconv_temperature(epoch + it / iters) == pytest.approx(released)
+
+
+def _tiny(name, **kwargs):
+    if 'resnet' in name:
+        kwargs = dict(layers=(1, 1, 1, 1), **kwargs)
+    return timm.create_model(name, num_classes=5, **kwargs)
+
+
+def test_temperature_hooks_save_restore_and_eval():
+    model = _tiny('od_resnet18', kernel_num=2, temp_init=20., temp_epochs=4.)
+    model.set_training_progress(1.)
+    temps = {float(m.attention.temperature) for m in model.modules() if isinstance(m, ODConv2d)}
+    assert temps == {15.25}  # 1 + 19 * (1 - 1/4), exact in float32
+    assert model.training_hook_log() == {'temperature': pytest.approx(15.25)}
+    assert not any('temperature' in k for k in model.state_dict())
+
+    fresh = _tiny('od_resnet18', kernel_num=2)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.training_hook_log()['temperature'] == 1.
+    fresh.load_training_hook_state(model.training_hook_state())
+    assert fresh.training_hook_log()['temperature'] == pytest.approx(15.25)
+
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    hot = model(x)
+    model.set_temperature(1.)
+    torch.testing.assert_close(model(x), hot)  # evaluation always runs at temperature 1
+    model.train()
+    cold = model(x)
+    model.set_training_progress(0.)
+    assert not torch.allclose(model(x), cold)  # training uses the annealed temperature
+
+
+@pytest.mark.parametrize('name,kernel_num', [(n, 2) for n in OD_MODELS] + [('od_resnet18', 1), ('od_mobilenetv2_050', 1)])
+def test_models_forward_backward(name, kernel_num):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5, kernel_num=kernel_num, drop_rate=0.1)
+    cfg = model.pretrained_cfg
+    assert (cfg['crop_pct'], cfg['interpolation'], cfg['input_size']) == (0.875, 'bilinear', (3, 224, 224))
+    assert model.num_classes == 5 and model.get_classifier().out_features == 5
+    model.train()
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 5)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.forward_head(model.forward_features(torch.randn(2, 3, 32, 32)), pre_logits=True).shape == (
+        2, model.num_features)
+    model.reset_classifier(3)
+    assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+@pytest.mark.parametrize('name', ['od_resnet18', 'od_mobilenetv2_050'])
+def test_features_only(name):
+    model = timm.create_model(name, features_only=True, kernel_num=2)
+    feats = model(torch.randn(2, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == model.feature_info.channels()
+    assert [64 // f.shape[-1] for f in feats] == model.feature_info.reduction()
+
+
+def _reference_tables():
+    for path in sorted((REFERENCE / 'state_dicts').glob('od_*.json')):
+        name, kernels = path.stem.rsplit('_', 1)
+        yield pytest.param(name, int(kernels.rstrip('x')), path, id=path.stem)
+
+
+@pytest.mark.parametrize('name,kernel_num,path', list(_reference_tables()))
+def test_keys_shapes_and_params_match_release(name, kernel_num, path):
+    table = json.loads(path.read_text())
+    with torch.device('meta'):
+        model = timm.create_model(name, kernel_num=kernel_num)
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == table['state_dict']
+    params = sum(p.numel() for p in model.parameters())
+    assert params == table['params']
+    if (name, kernel_num) in PUBLISHED_PARAMS:
+        assert round(params / 1e6, 2) == PUBLISHED_PARAMS[(name, kernel_num)]
+
+
+def test_release_checkpoint_format_loads(tmp_path):
+    torch.manual_seed(0)
+    trained = timm.create_model('od_mobilenetv2_050', kernel_num=2)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=1e-3, momentum=0.9)
+    trained(torch.randn(2, 3, 32, 32)).logsumexp(1).mean().backward()
+    optimizer.step()
+    path = tmp_path / 'model_best.pth.tar'
+    # main.py: DDP-wrapped state_dict, accuracies as tensors, the optimizer state.
+    torch.save({'epoch': 150, 'state_dict': {'module.' + k: v for k, v in trained.state_dict().items()},
+                'acc': torch.tensor(68.0), 'best_acc': torch.tensor(68.06), 'optimizer': optimizer.state_dict()}, path)
+    model = timm.create_model('od_mobilenetv2_050', kernel_num=2)
+    meta = load_checkpoint(model, str(path))
+    assert meta['epoch'] == 150
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x), trained.eval()(x))
+
+
+CONFIGS = sorted((ROOT / 'configs' / 'odconv').glob('*.yaml'))
+
+
+def test_one_config_per_published_row():
+    rows = {f'{n}_{k}x' for n, k in PUBLISHED_PARAMS}
+    assert {p.stem for p in CONFIGS} == rows
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+def test_config_names_its_model_and_recipe(path):
+    cfg = yaml.safe_load(path.read_text())
+    name, kernels = path.stem.rsplit('_', 1)
+    assert cfg['model'] == name and timm.is_model(name)
+    assert cfg['model_kwargs'] == {'kernel_num': int(kernels.rstrip('x')), 'reduction': 0.0625, 'temp_init': 30.0,
+                                   'temp_epochs': 10}
+    mobilenet = 'mobilenet' in name
+    assert (cfg['epochs'], cfg['lr_base'], cfg['weight_decay']) == ((150, 0.05, 4e-5) if mobilenet else (100, 0.1, 1e-4))
+    assert cfg['sched'] == ('cosine' if mobilenet else 'multistep')
+    assert (cfg['crop_pct'], cfg['interpolation']) == (0.875, 'bilinear')
+    assert 'drop' in cfg
