@@ -16,13 +16,16 @@ OPS_FORCE := $(if $(wildcard ops/_C*.so),,FORCE)
 
 all: demo
 
+# recipes run as if the venv were activated: subprocesses that call `python`/`torchrun` (distributed_train.sh) get it
+VENV_PATH = PATH="$(abspath $(VENV))/bin:$$PATH"
+
 ## demo: create the venv, install, build ops/, write data/demo, train configs/demo.yaml, validate, print the results
 demo: install
-	PYTHON=$(PY) scripts/run_demo.sh
+	$(VENV_PATH) PYTHON=$(PY) scripts/run_demo.sh
 
 ## test: the full test suite (exits non-zero on any failure); extra pytest flags via PYTEST_ARGS="..."
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(VENV_PATH) $(PY) -m pytest $(PYTEST_ARGS)
 
 ## install: venv + pinned requirements + the compiled ops (idempotent)
 install: $(OPS_STAMP)

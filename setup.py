@@ -87,7 +87,8 @@ def make_extension():
     opt = ['-O0', '-g'] if debug else ['-O3']
     sources = sorted(glob.glob(os.path.join(CSRC, '*.cpp')) + glob.glob(os.path.join(CSRC, 'cpu', '*.cpp')))
     # at::parallel_for is inlined into the extension: without -fopenmp it would run on one thread
-    cxx = opt + ['-fopenmp']
+    # -g0 drops the debug info Python's default flags add (it made the library ~17 MB)
+    cxx = opt + ['-fopenmp'] + ([] if debug else ['-g0'])
     kwargs = dict(
         name='ops._C',
         extra_link_args=['-fopenmp'],
@@ -108,6 +109,7 @@ if CUDA_HOME is None and os.environ.get('DYNCONV_CPU_ONLY', '0') != '1':
 
 setup(
     packages=find_packages(where=ROOT, include=['ops', 'models', 'models.*']),
+    include_package_data=False,  # ops/csrc holds extension sources, not package data
     ext_modules=[make_extension()],
     cmdclass={'build_ext': BuildExtension},
     options={'bdist_wheel': {'py_limited_api': 'cp310'}},

@@ -33,7 +33,7 @@ __all__ = ['table_rows', 'zoo_rows', 'to_markdown', 'to_csv', 'count_model', 'fi
 
 _logger = logging.getLogger(__name__)
 
-DEFAULT_REFERENCE = REPO.parent / 'shared' / 'reference' / 'paper_tables.yaml'
+DEFAULT_REFERENCE = REPO / 'reference' / 'paper_tables.yaml'
 DOC_MD = REPO / 'docs' / 'model_zoo.md'
 DOC_CSV = REPO / 'docs' / 'model_zoo.csv'
 CONFIG_DIR = REPO / 'configs'

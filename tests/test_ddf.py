@@ -12,7 +12,7 @@ from models.ddf_resnet import DDFBottleneck
 from models.layers.ddf import DDFPack, DDFUpPack, FilterNorm
 from ops import HAS_EXT, ddf_reference
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / 'shared' / 'reference' / 'state_dicts'
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / 'reference' / 'state_dicts'
 DDF_MODELS = [f'ddf_{c}_resnet{d}' for c in ('mul', 'add') for d in (50, 101, 152)]
 TINY = dict(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16)
 IMPLS = ['reference', pytest.param('ext', marks=pytest.mark.skipif(not HAS_EXT, reason='ops._C is not built'))]

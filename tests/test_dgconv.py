@@ -13,7 +13,7 @@ from models._helpers import load_checkpoint
 from models.g_resnext import GResNet
 from models.layers.dgconv import DGConv2d, binarize_ste
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / 'shared' / 'reference' / 'state_dicts'
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / 'reference' / 'state_dicts'
 # Narrow G-ResNeXt: bottleneck widths 8..64 (powers of two).
 TINY = dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), cardinality=1, base_width=64)
 

@@ -22,7 +22,7 @@ from models.dwnet import DWBlock, DWNetBlock, PatchMerging, checkpoint_filter_fn
 from models.layers.dynamic_dw import DynamicDWConv, IDynamicDWConv
 from ops import HAS_EXT
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / 'shared' / 'reference' / 'state_dicts'
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / 'reference' / 'state_dicts'
 # (entrypoint, reference table, parameter count, number of blocks, dw conv type)
 MODELS = [
     ('dwnet_tiny_patch4_window7_224', 'dwnet_tiny', 24_172_744, 12, 'static'),

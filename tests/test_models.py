@@ -1,7 +1,7 @@
 """Registry-wide checks of every model the project registers into timm.
 
 Full-size models are built on the meta device (no memory, no compute) to compare their state_dicts with the
-original releases' tables in shared/reference/state_dicts; forward/backward runs use small inputs.
+original releases' tables in reference/state_dicts; forward/backward runs use small inputs.
 """
 import json
 from pathlib import Path
@@ -14,7 +14,7 @@ import models  # noqa: F401  (registers the project's models)
 
 PROJECT_MODULES = ('ddf_resnet', 'dwnet', 'g_resnext', 'od_mobilenetv2', 'od_resnet')
 MODEL_NAMES = sorted(timm.list_models(module=PROJECT_MODULES))
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / 'shared' / 'reference' / 'state_dicts'
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / 'reference' / 'state_dicts'
 # Forward/backward on CPU is kept to models small enough to build in a second or two.
 MAX_PARAMS_FOR_FWD_BWD = 60e6
 

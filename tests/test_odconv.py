@@ -14,7 +14,7 @@ from models._helpers import load_checkpoint
 from models.layers.odconv import ODConv2d, odconv_temperature
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT.parent / 'shared' / 'reference'
+REFERENCE = ROOT / 'reference'
 OD_MODELS = sorted(timm.list_models(module=('od_resnet', 'od_mobilenetv2')))
 # (in, out, kernel_size, stride, groups): point-wise, 3x3, strided 3x3, depth-wise, grouped, strided point-wise.
 LAYER_CASES = [(8, 12, 1, 1, 1), (8, 12, 3, 1, 1), (8, 12, 3, 2, 1), (8, 8, 3, 2, 8), (8, 12, 3, 1, 4),
@@ -112,16 +112,16 @@ def test_batch_of_one_in_training_gives_clear_error():
     assert layer(x).shape == (1, 12, 5, 5)
 
 
-def test_flop_counter_sees_attention_and_kernel_aggregation():
+@pytest.mark.parametrize('size', [10, 6], ids=['grouped-conv', 'im2col'])
+def test_flop_counter_sees_attention_and_kernel_aggregation(size):
+    batch, hidden = 2, 16
     layer = ODConv2d(64, 32, 3, padding=1, kernel_num=4).eval()
-    x = torch.randn(2, 64, 10, 10)
     with FlopCounterMode(display=False) as counter:
-        layer(x)
-    hidden = 16
-    macs = 2 * (
+        layer(torch.randn(batch, 64, size, size))
+    macs = batch * (
         64 * hidden + hidden * (64 + 32 + 9 + 4)  # attention fcs
         + 4 * 32 * 64 * 9  # kernel aggregation (matmul over kernel_num)
-        + 32 * 64 * 9 * 10 * 10  # the convolution
+        + 32 * 64 * 9 * size * size  # the convolution
     )
     assert counter.get_total_flops() == 2 * macs
 
@@ -171,7 +171,10 @@ def test_temperature_hooks_save_restore_and_eval():
     assert not torch.allclose(model(x), cold)  # training uses the annealed temperature
 
 
-@pytest.mark.parametrize('name,kernel_num', [(n, 2) for n in OD_MODELS] + [('od_resnet18', 1), ('od_mobilenetv2_050', 1)])
+MODEL_CASES = [(n, 2) for n in OD_MODELS] + [('od_resnet18', 1), ('od_mobilenetv2_050', 1)]
+
+
+@pytest.mark.parametrize('name,kernel_num', MODEL_CASES)
 def test_models_forward_backward(name, kernel_num):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=5, kernel_num=kernel_num, drop_rate=0.1)
@@ -248,7 +251,8 @@ def test_config_names_its_model_and_recipe(path):
     assert cfg['model_kwargs'] == {'kernel_num': int(kernels.rstrip('x')), 'reduction': 0.0625, 'temp_init': 30.0,
                                    'temp_epochs': 10}
     mobilenet = 'mobilenet' in name
-    assert (cfg['epochs'], cfg['lr_base'], cfg['weight_decay']) == ((150, 0.05, 4e-5) if mobilenet else (100, 0.1, 1e-4))
+    recipe = (150, 0.05, 4e-5) if mobilenet else (100, 0.1, 1e-4)
+    assert (cfg['epochs'], cfg['lr_base'], cfg['weight_decay']) == recipe
     assert cfg['sched'] == ('cosine' if mobilenet else 'multistep')
     assert (cfg['crop_pct'], cfg['interpolation']) == (0.875, 'bilinear')
     assert 'drop' in cfg

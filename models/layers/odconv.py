@@ -31,8 +31,9 @@ _UNFOLD_MAX_PIXELS = 64
 def odconv_temperature(epochs: float, temp_init: float = 30., temp_epochs: float = 10.) -> float:
     """Attention temperature after `epochs` (fractional) epochs of training.
 
-    Linear from `temp_init` at epoch 0 to 1 at `temp_epochs`, then 1 (original utils/misc.py `get_temperature`,
-    there evaluated per iteration; `epochs = epoch + step / steps_per_epoch` gives the same schedule).
+    Linear from `temp_init` at epoch 0 to 1 at `temp_epochs`, then 1: the original utils/misc.py `get_temperature`
+    with `epochs = epoch + step / steps_per_epoch` (train.py passes the progress before each step; the original
+    counts the step itself, so ours runs one step behind, a difference of (temp_init - 1) / (temp_epochs * steps)).
     """
     if temp_epochs <= 0:
         return 1.
