@@ -13,11 +13,13 @@ drift of a shared, noisy machine):
 Formulations (all exact; `test_odconv.py` checks ODConv2d against the released one):
     released  the original forward: per-sample kernels from the broadcast product of the attentions with all
               kernel_num kernels, then one conv with groups = batch; point-wise kernel_num 1 is a plain conv.
-    ours      ODConv2d.forward (the module's code): grouped below, unfold on output maps <= 64 pixels.
+    ours      ODConv2d.forward (the module's code): grouped below, unfold on output maps <= 64 pixels; point-wise
+              with several kernels: per-sample convs without autograd, else grouped, bmm on maps <= 64 pixels.
     grouped   per-sample kernels (kernel_num aggregated by a matmul, not the release's broadcast-and-sum), channel
               and filter attentions on activations, one conv with groups = batch.
     unfold    k x k convs as im2col + GEMM at every size; the columns carry the spatial and channel attentions, so
               kernel_num 1 multiplies the *static* weight (one GEMM for the whole batch).
+    bmm       ours, but point-wise convs with several kernels always as one bmm of per-sample weights.
 Options: --channels-last, --bf16 (autocast).
 
 Example:
@@ -81,8 +83,25 @@ def unfold_forward(self: ODConv2d, x: torch.Tensor) -> torch.Tensor:
     return self._forward_unfold(x, channel, spatial, kernel) * filter_[:, :, None, None]
 
 
+def bmm_forward(self: ODConv2d, x: torch.Tensor) -> torch.Tensor:
+    """ODConv2d.forward with every point-wise conv with several kernels as one bmm of per-sample weights."""
+    if self.kernel_size != 1 or self.kernel_num == 1 or self.groups != 1 or self.padding:
+        return ODConv2d.forward(self, x)
+    channel, filter_, _, kernel = self.attention(x)
+    batch = x.shape[0]
+    x = x[:, :, ::self.stride, ::self.stride]
+    weight = self._sample_weights(None, kernel, batch).view(batch, self.out_chs, self.in_chs)
+    if x.shape[2] * x.shape[3] < self.out_chs:
+        x = x * channel[:, :, None, None]
+    else:
+        weight = weight * channel[:, None, :]
+    out = torch.bmm(weight, x.reshape(batch, self.in_chs, -1)).view(batch, self.out_chs, *x.shape[2:])
+    return out * filter_[:, :, None, None]
+
+
 FORMULATIONS = {
-    'released': released_forward, 'ours': ODConv2d.forward, 'grouped': grouped_forward, 'unfold': unfold_forward}
+    'released': released_forward, 'ours': ODConv2d.forward, 'grouped': grouped_forward, 'unfold': unfold_forward,
+    'bmm': bmm_forward}
 
 
 def use_formulation(model: torch.nn.Module, name: str) -> torch.nn.Module:

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import models  # noqa: F401  (registers the od_* models)
 from models._helpers import load_checkpoint
+from models.layers import odconv
 from models.layers.odconv import ODConv2d, odconv_temperature
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +102,33 @@ def test_layer_matches_released_formulation(in_chs, out_chs, k, stride, groups, 
         grads_ref = torch.autograd.grad(ref, [xs[1], layer.weight], grad)
         for a, b in zip(grads_ours, grads_ref):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize('kernel_num', [1, 4])
+@pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', LAYER_CASES)
+def test_layer_matches_released_formulation_without_autograd(in_chs, out_chs, k, stride, groups, kernel_num):
+    """The no-grad paths (per-sample convs, attentions folded into the weights, in-place scaling) stay exact."""
+    layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num).eval()
+    x = torch.randn(3, in_chs, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), released_odconv(layer, x))
+
+
+@pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', [c for c in LAYER_CASES if c[-1] == 1])
+def test_blockwise_kernel_aggregation_matches_released_formulation(monkeypatch, in_chs, out_chs, k, stride, groups):
+    """Per-sample kernels aggregated a few output channels at a time give the same outputs and gradients."""
+    monkeypatch.setattr(odconv, '_BLOCK_NUMEL', 7)
+    layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num=4)
+    x = torch.randn(3, in_chs, 5, 5, dtype=torch.float64)  # <= 64 output pixels: the blockwise bmm paths
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    ours, ref = layer(xs[0]), released_odconv(layer, xs[1])
+    torch.testing.assert_close(ours, ref)
+    grad = torch.randn_like(ref)
+    kernel_fc = layer.attention.kernel_fc.weight
+    grads_ours = torch.autograd.grad(ours, [xs[0], layer.weight, kernel_fc], grad)
+    grads_ref = torch.autograd.grad(ref, [xs[1], layer.weight, kernel_fc], grad)
+    for a, b in zip(grads_ours, grads_ref):
+        torch.testing.assert_close(a, b)
 
 
 def test_batch_of_one_in_training_gives_clear_error():

@@ -9,23 +9,30 @@ The sample's kernel is `sum_n kernel[n] * spatial * channel * filter * weight[n]
 
 The released code always builds that per-sample kernel and runs one grouped convolution with groups = batch.
 `ODConv2d.forward` computes the same result with cheaper exact rewrites (measured in scripts/benchmark_odconv.py,
-results in benchmarks/odconv.md): the channel and filter attentions scale activations instead of kernels; the kernels
-are aggregated by a matmul over `kernel_num`; a point-wise ODConv is a plain convolution with the static weight (one
-kernel) or a batched matmul (several); a k x k ODConv on a small output map is im2col + GEMM with the spatial and
-channel attentions on the columns (with one kernel the GEMM uses the static weight); larger maps keep the per-sample
-kernels and the grouped convolution, which are cheap there relative to the convolution.
+results in benchmarks/odconv.md): the channel and filter attentions scale whichever is smaller, activations or
+kernels; the kernels are aggregated by a matmul over `kernel_num`; a point-wise ODConv is a plain convolution with the
+static weight (one kernel), or with several kernels per-sample convolutions (no autograd) or the grouped convolution
+on larger maps and a batched matmul on small ones; a k x k ODConv on a small output map is im2col + GEMM with the
+spatial and channel attentions on the columns (with one kernel the GEMM uses the static weight); larger maps keep the
+per-sample kernels and the grouped convolution, which are cheap there relative to the convolution. The batched
+matmuls aggregate the per-sample kernels block by block into one reused buffer (`_AggregatedBmm`).
 """
+import contextlib
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = ['ODAttention', 'ODConv2d', 'ODConvTrainingHooks', 'odconv_temperature']
 
 # Output maps up to this many pixels take the im2col path: a per-sample kernel element is then used by so few output
 # pixels that writing B per-sample kernels costs more than the convolution (measured: benchmarks/odconv.md).
 _UNFOLD_MAX_PIXELS = 64
+# `_AggregatedBmm` writes per-sample kernels into one reused buffer of at most this many elements: a fresh B x |W|
+# tensor costs more in page faults than the aggregation itself (stage 4 of od_resnet50: benchmarks/odconv.md).
+_BLOCK_NUMEL = 1 << 21
 
 
 def odconv_temperature(epochs: float, temp_init: float = 30., temp_epochs: float = 10.) -> float:
@@ -38,6 +45,62 @@ def odconv_temperature(epochs: float, temp_init: float = 30., temp_epochs: float
     if temp_epochs <= 0:
         return 1.
     return 1. + max(0., (temp_init - 1.) * (1. - epochs / temp_epochs))
+
+
+def _aggregated_blocks(kernel: torch.Tensor, weight: torch.Tensor):
+    """Yields (output-channel slice, per-sample kernels (B, rows, fan_in) of those channels), reusing one buffer."""
+    batch_size, (kernel_num, out_chs, fan_in) = kernel.shape[0], weight.shape
+    rows = max(1, min(out_chs, _BLOCK_NUMEL // (batch_size * fan_in)))
+    flat = weight.view(kernel_num, -1)
+    buf = torch.empty(batch_size * rows * fan_in, dtype=torch.result_type(kernel, weight), device=weight.device)
+    for start in range(0, out_chs, rows):
+        stop = min(start + rows, out_chs)
+        block = buf[:batch_size * (stop - start) * fan_in].view(batch_size, -1)
+        torch.mm(kernel, flat[:, start * fan_in:stop * fan_in], out=block)
+        yield slice(start, stop), block.view(batch_size, stop - start, fan_in)
+
+
+class _AggregatedBmm(torch.autograd.Function):
+    """out[b] = (sum_n kernel[b, n] * weight[n]) @ cols[b], one block of output channels at a time (both passes).
+
+    kernel: (B, kernel_num); weight: (kernel_num, out, fan_in), contiguous; cols: (B, fan_in, L). Computes in
+    cols' dtype with autocast off (the buffer's dtype must be known; autocast leaves `cols` in its compute dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, kernel, weight, cols):
+        ctx.dtypes = kernel.dtype, weight.dtype
+        device_type = cols.device.type
+        autocast_off = torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
+            else contextlib.nullcontext()
+        with autocast_off:
+            kernel, weight = kernel.to(cols.dtype), weight.to(cols.dtype)
+            ctx.save_for_backward(kernel, weight, cols)
+            return torch.cat([torch.bmm(w, cols) for _, w in _aggregated_blocks(kernel, weight)], 1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        kernel, weight, cols = ctx.saved_tensors
+        grad_out = grad_out.to(cols.dtype)
+        kernel_num, _, fan_in = weight.shape
+        flat = weight.view(kernel_num, -1)
+        grad_kernel = torch.zeros_like(kernel)
+        grad_weight = torch.empty_like(weight)
+        grad_cols = torch.zeros_like(cols) if ctx.needs_input_grad[2] else None
+        for rows, w in _aggregated_blocks(kernel, weight):
+            grad = grad_out[:, rows]
+            if grad_cols is not None:
+                grad_cols.baddbmm_(w.transpose(1, 2), grad)
+            grad_w = torch.bmm(grad, cols.transpose(1, 2)).flatten(1)
+            grad_weight[:, rows] = (kernel.t() @ grad_w).view(kernel_num, -1, fan_in)
+            grad_kernel += grad_w @ flat[:, rows.start * fan_in:rows.stop * fan_in].t()
+        return grad_kernel.to(ctx.dtypes[0]), grad_weight.to(ctx.dtypes[1]), grad_cols
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 class ODAttention(nn.Module):
@@ -195,23 +258,31 @@ class ODConv2d(nn.Module):
     def _output_size(self, size: int) -> int:
         return (size + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
 
-    def _forward_pointwise(self, x, channel, kernel):
-        """1x1, several kernels: batched matmul with per-sample (out x in) weights; keeps NCHW or channels_last."""
+    def _forward_pointwise(self, x, channel, filter_, kernel):
+        """1x1, several kernels, filter attention included. Maps <= _UNFOLD_MAX_PIXELS: `_AggregatedBmm`; larger
+        ones: per-sample weights and, without autograd, one plain convolution per sample, else a convolution with
+        groups = batch (oneDNN's convolutions beat MKL's bmm there: benchmarks/odconv.md)."""
         batch_size = x.shape[0]
         x = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
         height, width = x.shape[-2:]
-        weight = self._sample_weights(None, kernel, batch_size).view(batch_size, self.out_chs, self.in_chs)
+        if height * width <= _UNFOLD_MAX_PIXELS:
+            cols = x.reshape(batch_size, self.in_chs, -1) * channel[:, :, None]
+            out = _AggregatedBmm.apply(kernel, self.weight.view(self.kernel_num, self.out_chs, -1), cols)
+            out = out.view(batch_size, self.out_chs, height, width) * filter_[:, :, None, None]
+            return out.contiguous(memory_format=_memory_format(x))
+        weight = self._sample_weights(None, kernel, batch_size)
+        if not torch.is_grad_enabled():
+            # Both attentions on the (B, out, in) weights: no pass over the activations.
+            weight = weight * (filter_[:, :, None] * channel[:, None, :])[..., None, None]
+            return torch.cat([F.conv2d(x[i:i + 1], weight[i]) for i in range(batch_size)])
         # The channel attention goes on whichever operand is smaller.
         if height * width < self.out_chs:
             x = x * channel[:, :, None, None]
         else:
-            weight = weight * channel[:, None, :]
-        if x.is_contiguous():
-            out = torch.bmm(weight, x.reshape(batch_size, self.in_chs, height * width))
-            return out.view(batch_size, self.out_chs, height, width)
-        x_flat = x.permute(0, 2, 3, 1).reshape(batch_size, height * width, self.in_chs)
-        out = torch.bmm(x_flat, weight.transpose(1, 2))
-        return out.view(batch_size, height, width, self.out_chs).permute(0, 3, 1, 2)
+            weight = weight * channel[:, None, :, None, None]
+        out = F.conv2d(x.reshape(1, -1, height, width), weight.reshape(-1, self.in_chs, 1, 1), None, 1, 0, 1,
+                       batch_size)
+        return out.view(batch_size, self.out_chs, height, width) * filter_[:, :, None, None]
 
     def _forward_unfold(self, x, channel, spatial, kernel):
         """k x k on small maps: im2col columns scaled by the channel and spatial attentions, then one GEMM with the
@@ -227,11 +298,8 @@ class ODConv2d(nn.Module):
             cols = cols.transpose(0, 1).reshape(self.in_chs * kk, -1)
             out = (self.weight.view(self.out_chs, -1) @ cols).view(self.out_chs, batch_size, -1).transpose(0, 1)
         else:
-            weight = (kernel @ self.weight.flatten(1)).view(batch_size, self.out_chs, -1)
-            out = torch.bmm(weight, cols)
-        memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and \
-            not x.is_contiguous() else torch.contiguous_format
-        return out.reshape(batch_size, self.out_chs, out_h, out_w).contiguous(memory_format=memory_format)
+            out = _AggregatedBmm.apply(kernel, self.weight.view(self.kernel_num, self.out_chs, -1), cols)
+        return out.reshape(batch_size, self.out_chs, out_h, out_w).contiguous(memory_format=_memory_format(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channel, filter_, spatial, kernel = self.attention(x)
@@ -241,7 +309,7 @@ class ODConv2d(nn.Module):
             out = F.conv2d(x * channel[:, :, None, None], self.weight[0], None, self.stride, self.padding,
                            self.dilation, self.groups)
         elif self.kernel_size == 1 and self.groups == 1 and self.padding == 0:
-            out = self._forward_pointwise(x, channel, kernel)
+            return self._forward_pointwise(x, channel, filter_, kernel)
         elif filter_ is None:
             # Depth-wise: the channel attention scales the per-sample kernels (k*k per channel, cheaper than HxW).
             weight = self._sample_weights(spatial, kernel, batch_size) * channel[:, :, None, None, None]
@@ -251,13 +319,24 @@ class ODConv2d(nn.Module):
         elif self.groups == 1 and self._output_size(x.shape[2]) * self._output_size(x.shape[3]) <= _UNFOLD_MAX_PIXELS:
             out = self._forward_unfold(x, channel, spatial, kernel)
         else:
-            # Per-sample kernels and one convolution with groups = batch (the release's scheme).
+            # Per-sample kernels and one convolution with groups = batch (the release's scheme). The channel and
+            # filter attentions scale the kernels (dense convs) when those are smaller than the activations.
             weight = self._sample_weights(spatial, kernel, batch_size)
-            x = x * channel[:, :, None, None]
+            out_pixels = self._output_size(x.shape[2]) * self._output_size(x.shape[3])
+            scale_weight = self.groups == 1 and \
+                weight[0].numel() < self.in_chs * x.shape[2] * x.shape[3] + self.out_chs * out_pixels
+            if scale_weight:
+                weight = weight * (filter_[:, :, None] * channel[:, None, :])[..., None, None]
+            else:
+                x = x * channel[:, :, None, None]
             out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]), None,
                            self.stride, self.padding, self.dilation, self.groups * batch_size)
             out = out.view(batch_size, self.out_chs, *out.shape[2:])
-        return out * filter_[:, :, None, None]
+            if scale_weight:
+                return out
+        filter_ = filter_[:, :, None, None]
+        # Without autograd the output is ours to scale in place (saves allocating another activation).
+        return out * filter_ if torch.is_grad_enabled() else out.mul_(filter_)
 
 
 class ODConvTrainingHooks:
