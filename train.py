@@ -37,6 +37,7 @@ import os
 import pickle
 import random
 import re
+import sys
 import time
 from collections import OrderedDict
 from contextlib import suppress
@@ -1334,3 +1335,11 @@ def validate(model, loader, loss_fn, args, device, amp_autocast=suppress, log_su
 
 if __name__ == '__main__':
     main()
+    if torch.distributed.is_torchelastic_launched():
+        # The run is complete and every file is closed. Skip the interpreter's C++ teardown: after a restarted
+        # rendezvous, torch 2.14's store threads can abort it ("terminate called without an active exception"), and
+        # torchrun would then report a finished job as failed.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
