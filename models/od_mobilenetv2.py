@@ -178,14 +178,9 @@ class ODMobileNetV2(ODConvTrainingHooks, nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
-    """The release's keys are already ours (the loader strips `module.`); drop a stray `module.` prefix only."""
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
-
-
 def _create_od_mobilenetv2(variant: str, pretrained: bool = False, **kwargs) -> ODMobileNetV2:
     return build_model_with_cfg(
-        ODMobileNetV2, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        ODMobileNetV2, variant, pretrained,
         feature_cfg=dict(flatten_sequential=True), **kwargs)
 
 

@@ -143,13 +143,8 @@ class ODResNet(ODConvTrainingHooks, ResNet):
             nn.init.zeros_(self.fc.bias)
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
-    """The release's keys are already ours (the loader strips `module.`); drop a stray `module.` prefix only."""
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
-
-
 def _create_od_resnet(variant: str, pretrained: bool = False, **kwargs) -> ODResNet:
-    return build_model_with_cfg(ODResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return build_model_with_cfg(ODResNet, variant, pretrained, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
