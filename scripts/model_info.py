@@ -42,6 +42,8 @@ def count_params_and_macs(
 ) -> Tuple[int, int]:
     """Count a model's parameters and the multiply-adds of one eval-mode forward pass of one image.
 
+    Modules that define `count_macs(input_shape, output_shape)` (ODConv2d) are counted by it instead.
+
     Args:
         model: The model, on any device (meta included); put in eval mode for the count, then restored.
         input_size: (C, H, W) of the image.
@@ -54,15 +56,48 @@ def count_params_and_macs(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    counter = FlopCounterMode(display=False, depth=depth or 1)
+    adjustment = _CountMacsOverrides(model, counter)
     try:
-        counter = FlopCounterMode(display=False, depth=depth or 1)
         with torch.no_grad(), counter:
             model(torch.zeros(1, *input_size, device=device))
     finally:
         model.train(was_training)
+        adjustment.remove_hooks()
     if depth:
         _logger.info('\n' + counter.get_table(depth))
-    return params, counter.get_total_flops() // 2
+    return params, counter.get_total_flops() // 2 + adjustment.macs
+
+
+class _CountMacsOverrides:
+    """Forward hooks on the modules that define `count_macs(input_shape, output_shape)`: the MACs they return replace
+    those FlopCounterMode counted inside them (a dynamic layer's count then follows its paper's convention, not the
+    formulation that happened to run). `macs` is the correction to add to the counter's total."""
+
+    def __init__(self, model: torch.nn.Module, counter: FlopCounterMode):
+        self.macs = 0
+        self._counter = counter
+        self._open = []  # counter totals at the entry of the overriding modules being run
+        self._handles = []
+        for module in model.modules():
+            if callable(getattr(module, 'count_macs', None)):
+                self._handles += [module.register_forward_pre_hook(self._enter),
+                                  module.register_forward_hook(self._leave)]
+
+    def _counted(self) -> int:
+        return sum(self._counter.get_flop_counts().get('Global', {}).values())
+
+    def _enter(self, module, args):
+        self._open.append(self._counted())
+
+    def _leave(self, module, args, output):
+        start = self._open.pop()
+        if not self._open:  # an outermost overriding module replaces everything counted inside it
+            self.macs += module.count_macs(args[0].shape, output.shape) - (self._counted() - start) // 2
+
+    def remove_hooks(self):
+        for handle in self._handles:
+            handle.remove()
 
 
 def create_counting_model(name: str, **kwargs) -> torch.nn.Module:
@@ -111,6 +146,12 @@ def main(argv=None):
         parser.error(f'model {args.model} rejected its arguments {kwargs}: {e}')
     c, h, w = info['input_size']
     print(f'{info["model"]}: {info["params_m"]:.2f}M params, {info["gmacs"]:.3f} GMACs at {c}x{h}x{w}')
+    if args.img_size is None:
+        from scripts.model_zoo import published_overhead  # (model_zoo imports this module)
+        row = published_overhead(args.model, kwargs)
+        if row is not None:
+            print(f'over {row["baseline"]}: {row["overhead_gmacs"]:+.3f} GMACs here, {row["pub_overhead_gmacs"]:+.4f} '
+                  f'published ({row["overhead_diff_pct"]:+.1f}%; the paper counts both with its own tool)')
     return 0
 
 

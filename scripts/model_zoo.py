@@ -48,7 +48,8 @@ _FAMILY_OF_MODULE = {'ddf_resnet': 'ddf', 'od_resnet': 'odconv', 'od_mobilenetv2
 
 CSV_FIELDS = [
     'family', 'kind', 'model', 'kwargs', 'img_size', 'params_m', 'gmacs', 'pub_params_m', 'pub_gmacs',
-    'params_diff_pct', 'gmacs_diff_pct', 'pub_top1', 'pub_top5', 'config', 'source']
+    'params_diff_pct', 'gmacs_diff_pct', 'baseline', 'overhead_gmacs', 'pub_overhead_gmacs', 'overhead_diff_pct',
+    'pub_top1', 'pub_top5', 'config', 'source']
 
 
 def _registered_name(name: str) -> Optional[str]:
@@ -156,7 +157,43 @@ def zoo_rows(reference: Optional[Path] = DEFAULT_REFERENCE) -> List[Dict[str, An
         row['params_diff_pct'] = _diff_pct(row['params_m'], row.get('pub_params_m'))
         row['gmacs_diff_pct'] = _diff_pct(row['gmacs'], row.get('pub_gmacs'))
         row['config'] = find_config(row['model'], row['kwargs'], configs)
+    for row in rows:
+        _add_overhead(row, _baseline_of(row, rows))
     return rows
+
+
+def _baseline_of(row: Dict[str, Any], rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The static baseline of a dynamic row: the same table's baseline whose name ends the model's name."""
+    if row['kind'] != 'dynamic':
+        return None
+    candidates = [b for b in rows if b['kind'] == 'baseline' and b['family'] == row['family']
+                  and row['model'].endswith('_' + b['model'])]
+    return max(candidates, key=lambda b: len(b['model']), default=None)
+
+
+def _add_overhead(row: Dict[str, Any], baseline: Optional[Dict[str, Any]]) -> None:
+    """GMACs over the static baseline, counted here and published (papers count their baselines differently)."""
+    row['baseline'] = baseline['model'] if baseline else ''
+    row['overhead_gmacs'] = row['gmacs'] - baseline['gmacs'] if baseline else None
+    published = [r.get('pub_gmacs') for r in (row, baseline or {})]
+    row['pub_overhead_gmacs'] = published[0] - published[1] if None not in published else None
+    row['overhead_diff_pct'] = _diff_pct(row['overhead_gmacs'], row['pub_overhead_gmacs'])
+
+
+def published_overhead(model: str, kwargs: Dict[str, Any], reference: Path = DEFAULT_REFERENCE
+                       ) -> Optional[Dict[str, Any]]:
+    """The published row of `model` with these architecture kwargs, counted with its baseline (None if no such row
+    or no baseline): the zoo row's fields, overhead_gmacs and pub_overhead_gmacs included."""
+    rows = _published(reference) if reference.is_file() else []
+    row = next((r for r in rows if r['kind'] == 'dynamic' and r['model'] == model
+                and r['kwargs'] == _variant_kwargs(kwargs)), None)
+    baseline = _baseline_of(row, rows) if row else None
+    if baseline is None or row.get('pub_gmacs') is None or baseline.get('pub_gmacs') is None:
+        return None
+    for r in (row, baseline):
+        r.update(count_model(r['model'], r['kwargs']))
+    _add_overhead(row, baseline)
+    return row
 
 
 def _fmt(value: Any, spec: str = '') -> str:
@@ -174,7 +211,8 @@ def to_csv(rows: List[Dict[str, Any]]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator='\n')
     writer.writeheader()
-    specs = dict(params_m='.2f', gmacs='.3f', params_diff_pct='.1f', gmacs_diff_pct='.1f')
+    specs = dict(params_m='.2f', gmacs='.3f', params_diff_pct='.1f', gmacs_diff_pct='.1f', overhead_gmacs='.4f',
+                 pub_overhead_gmacs='.4f', overhead_diff_pct='.1f')
     for row in rows:
         writer.writerow({k: _fmt(row.get(k), specs.get(k, '')) for k in CSV_FIELDS})
     return out.getvalue()
@@ -188,11 +226,13 @@ as CSV: [model_zoo.csv](model_zoo.csv).
 - **params (M)** and **GMACs** are counted here at the model's default input size (`scripts/model_info.py`:
   `torch.utils.flop_counter.FlopCounterMode`, one multiply-add = 2 FLOPs, the dynamic-filter op counted by its
   registered formula; attention/filter-generating branches included, element-wise ops such as BN, activations and
-  attention multiplications not counted).
+  attention multiplications not counted). ODConv layers count as the ODConv paper does (`ODConv2d.count_macs`: the
+  convolution, the attention fcs and every attention applied to every candidate kernel).
 - **published** values are from the papers and READMEs (`paper_tables.yaml` of the reference facts; `source` in the
   CSV): FLOPs and Madds as reported, all in G multiply-adds. **Δ** = (ours - published) / published.
 - ODConv's README counts Madds with a different tool (its ResNet-50 baseline is 3.858 G where FlopCounterMode counts
-  4.089 G): compare the dynamic overhead over the static baseline of the same table, not the absolute numbers.
+  4.089 G): compare the dynamic overhead over the static baseline of the same table (last table), not the
+  absolute numbers.
 - G-ResNeXt rows count the release's dense 3x3 weights (masked, stored densely): parameters and MACs of the dense
   model, not of the learned grouping.
 - `kwargs` are entrypoint arguments (`--model-kwargs` of validate.py / `model_kwargs` in the configs).
@@ -223,6 +263,16 @@ def to_markdown(rows: List[Dict[str, Any]]) -> str:
                 f'{_fmt(r.get("pub_gmacs"))} | {_fmt(r["gmacs_diff_pct"], "+.1f")} | {_fmt(r.get("pub_top1"))} | '
                 f'{_fmt(r.get("pub_top5"))} | {config} |')
         lines.append('')
+    lines += ['## Dynamic overhead over the static baseline', '',
+              'GMACs of the dynamic model minus those of its static baseline, each counted the same way (here: by '
+              'model_info.py; published: by the paper\'s tool).', '',
+              '| family | model | kwargs | baseline | overhead GMACs | published | Δ % |',
+              '| --- | --- | --- | --- | ---: | ---: | ---: |']
+    for r in (r for r in rows if r.get('pub_overhead_gmacs') is not None):
+        lines.append(f'| {r["family"]} | `{r["model"]}` | {_fmt(r["kwargs"])} | `{r["baseline"]}` | '
+                     f'{r["overhead_gmacs"]:+.4f} | {r["pub_overhead_gmacs"]:+.4f} | '
+                     f'{_fmt(r["overhead_diff_pct"], "+.1f")} |')
+    lines.append('')
     return '\n'.join(lines)
 
 

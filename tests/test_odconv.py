@@ -13,6 +13,8 @@ import models  # noqa: F401  (registers the od_* models)
 from models._helpers import load_checkpoint
 from models.layers import odconv
 from models.layers.odconv import ODConv2d, odconv_temperature
+from scripts.model_info import count_params_and_macs
+from scripts.model_zoo import published_overhead
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / 'reference'
@@ -104,14 +106,44 @@ def test_layer_matches_released_formulation(in_chs, out_chs, k, stride, groups, 
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize('size', [9, 33], ids=['small-map', 'large-map'])  # 33x33: one kernel per-sample too
 @pytest.mark.parametrize('kernel_num', [1, 4])
 @pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', LAYER_CASES)
-def test_layer_matches_released_formulation_without_autograd(in_chs, out_chs, k, stride, groups, kernel_num):
-    """The no-grad paths (per-sample convs, attentions folded into the weights, in-place scaling) stay exact."""
+def test_layer_matches_released_formulation_without_autograd(
+        monkeypatch, in_chs, out_chs, k, stride, groups, kernel_num, size):
+    """The no-grad paths (per-sample convs on kernels built block by block with the attentions folded in, in-place
+    scaling) stay exact, in both memory formats."""
+    monkeypatch.setattr(odconv, '_BLOCK_NUMEL', 3 * 5 * in_chs * k * k)  # blocks of 5 output channels
     layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num).eval()
-    x = torch.randn(3, in_chs, 9, 9, dtype=torch.float64)
+    x = torch.randn(3, in_chs, size, size, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), released_odconv(layer, x))
+        ref = released_odconv(layer, x)
+        torch.testing.assert_close(layer(x), ref)
+        torch.testing.assert_close(layer(x.contiguous(memory_format=torch.channels_last)), ref)
+
+
+@pytest.mark.parametrize('kernel_num', [1, 4])
+def test_per_sample_path_under_bfloat16_autocast(kernel_num):
+    layer = _layer(8, 12, 3, 1, 1, kernel_num, torch.float32).eval()
+    x = torch.randn(3, 8, 33, 33)
+    with torch.no_grad():
+        ref = layer(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.02)
+
+
+def test_channels_last_model_conversion_keeps_the_kernel_bank():
+    """model.to(memory_format=torch.channels_last) (train.py --channels-last) converts the 4-D tensors; the 5-D
+    kernel banks stay contiguous instead of failing."""
+    model = _tiny('od_resnet18', kernel_num=2).to(memory_format=torch.channels_last)
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.layer1[0].conv1.weight.dim() == 5 and model.layer1[0].conv1.weight.is_contiguous()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    model.to(torch.float64, memory_format=torch.channels_last)  # with gradients present
+    assert model.layer1[0].conv1.weight.grad.dtype == torch.float64
 
 
 @pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', [c for c in LAYER_CASES if c[-1] == 1])
@@ -152,6 +184,32 @@ def test_flop_counter_sees_attention_and_kernel_aggregation(size):
         + 32 * 64 * 9 * size * size  # the convolution
     )
     assert counter.get_total_flops() == 2 * macs
+
+
+def test_count_macs_follows_the_papers_convention():
+    """model_info counts an ODConv by ODConv2d.count_macs, whatever formulation runs; the static stem conv of a
+    model stays counted by FlopCounterMode."""
+    hidden = 16
+    layer = ODConv2d(64, 32, 3, padding=1, kernel_num=4)
+    expected = (32 * 64 * 9 * 10 * 10  # the convolution
+                + 64 * hidden + hidden * (64 + 32 + 9 + 4)  # attention fcs
+                + 4 * 32 * 64 * 9 * 3)  # channel, filter and spatial attentions on each of the 4 kernels
+    assert layer.count_macs((1, 64, 10, 10), (1, 32, 10, 10)) == expected
+    assert count_params_and_macs(layer, (64, 10, 10))[1] == expected
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 1, bias=False), layer)
+    assert count_params_and_macs(model, (3, 10, 10))[1] == expected + 3 * 64 * 10 * 10
+    depthwise = ODConv2d(16, 16, 3, groups=16, kernel_num=1)  # channel and spatial attentions only
+    assert depthwise.count_macs((2, 16, 7, 7), (2, 16, 5, 5)) == 2 * (
+        16 * 9 * 25 + 16 * hidden + hidden * (16 + 9) + 16 * 9 * 2)
+
+
+@pytest.mark.parametrize('kernel_num,published', [(1, 0.058), (4, 0.222)])
+def test_resnet50_overhead_matches_published_madds(kernel_num, published):
+    """The issue's check: OD-ResNet-50's MACs over ResNet-50, both counted by model_info, within 10% of the README's
+    Madds difference (3.916 - 3.858 and 4.080 - 3.858)."""
+    row = published_overhead('od_resnet50', {'kernel_num': kernel_num}, REFERENCE / 'paper_tables.yaml')
+    assert row['baseline'] == 'resnet50' and row['pub_overhead_gmacs'] == pytest.approx(published)
+    assert row['overhead_gmacs'] == pytest.approx(published, rel=0.1)
 
 
 def test_temperature_schedule_values():

@@ -231,6 +231,18 @@ def test_model_hooks_called_saved_and_restored(tiny_imagefolder, tmp_path, in_pr
     assert resumed.progress[0] == pytest.approx(1.0)
 
 
+def test_odconv_model_trains_channels_last_and_checkpoints_its_temperature(tiny_imagefolder, tmp_path, in_process):
+    """A real ODConv model through train.py with --channels-last (its 5-D kernel banks stay contiguous); the
+    annealed temperature is in the checkpoint: 1 + 29 * (1 - 0.9 / 2) after 10 of the 20 annealing steps."""
+    argv = ['--data-dir', tiny_imagefolder, *TINY, '--model', 'od_resnet18', '--channels-last', '--epochs', '1',
+            '--model-kwargs', 'kernel_num=2', 'layers=(1,1,1,1)', 'temp_epochs=2', '--output', str(tmp_path),
+            '--experiment', 'od']
+    in_process(argv)
+    ckpt = _load(tmp_path / 'od' / 'last.pth.tar')
+    assert ckpt['training_hooks']['temperature'] == pytest.approx(1 + 29 * (1 - 0.9 / 2))
+    assert ckpt['state_dict']['layer1.0.conv1.weight'].shape == (2, 64, 64, 3, 3)
+
+
 # --- resume exactness and atomic checkpoints ---
 
 def _kill_when(argv, cwd, marker):

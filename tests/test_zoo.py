@@ -123,6 +123,9 @@ def test_model_info_cli(capsys):
     with pytest.raises(SystemExit):
         model_info.main(['resnet_18'])
     assert 'did you mean resnet18' in capsys.readouterr().err
+    # A published row with a static baseline: the overhead over it, here and in the paper.
+    assert model_info.main(['od_resnet18', '--model-kwargs', 'kernel_num=4']) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith('over resnet18: +0.132 GMACs here, +0.1020 published')
 
 
 REFERENCE_YAML = """

@@ -9,13 +9,17 @@ The sample's kernel is `sum_n kernel[n] * spatial * channel * filter * weight[n]
 
 The released code always builds that per-sample kernel and runs one grouped convolution with groups = batch.
 `ODConv2d.forward` computes the same result with cheaper exact rewrites (measured in scripts/benchmark_odconv.py,
-results in benchmarks/odconv.md): the channel and filter attentions scale whichever is smaller, activations or
-kernels; the kernels are aggregated by a matmul over `kernel_num`; a point-wise ODConv is a plain convolution with the
-static weight (one kernel), or with several kernels per-sample convolutions (no autograd) or the grouped convolution
-on larger maps and a batched matmul on small ones; a k x k ODConv on a small output map is im2col + GEMM with the
-spatial and channel attentions on the columns (with one kernel the GEMM uses the static weight); larger maps keep the
-per-sample kernels and the grouped convolution, which are cheap there relative to the convolution. The batched
-matmuls aggregate the per-sample kernels block by block into one reused buffer (`_AggregatedBmm`).
+results in benchmarks/odconv.md):
+
+* CPU inference (no autograd), dense convs with several kernels, or with one kernel on maps of >= 32x32: per-sample
+  kernels with every attention folded in, built block by block of output channels into one reused buffer, and one
+  oneDNN convolution per sample (`_forward_per_sample`);
+* otherwise a point-wise ODConv is a plain convolution with the static weight (one kernel), or the grouped
+  convolution on larger maps and a batched matmul on small ones (several kernels); a k x k ODConv on a small output
+  map is im2col + GEMM with the spatial and channel attentions on the columns (one kernel: the static weight;
+  several: `_AggregatedBmm`, which aggregates the per-sample kernels block by block in both passes); larger maps keep
+  the per-sample kernels and the grouped convolution, cheap there relative to the convolution. The channel and filter
+  attentions scale whichever is smaller, activations or kernels.
 """
 import contextlib
 from typing import Optional, Tuple
@@ -30,6 +34,9 @@ __all__ = ['ODAttention', 'ODConv2d', 'ODConvTrainingHooks', 'odconv_temperature
 # Output maps up to this many pixels take the im2col path: a per-sample kernel element is then used by so few output
 # pixels that writing B per-sample kernels costs more than the convolution (measured: benchmarks/odconv.md).
 _UNFOLD_MAX_PIXELS = 64
+# With one kernel and no autograd, CPU inputs of at least this many pixels take the per-sample path: there it beats a
+# static convolution plus the attention passes over the activations; on smaller maps it loses (benchmarks/odconv.md).
+_PER_SAMPLE_MIN_PIXELS = 1024
 # `_AggregatedBmm` writes per-sample kernels into one reused buffer of at most this many elements: a fresh B x |W|
 # tensor costs more in page faults than the aggregation itself (stage 4 of od_resnet50: benchmarks/odconv.md).
 _BLOCK_NUMEL = 1 << 21
@@ -47,6 +54,11 @@ def odconv_temperature(epochs: float, temp_init: float = 30., temp_epochs: float
     return 1. + max(0., (temp_init - 1.) * (1. - epochs / temp_epochs))
 
 
+def _autocast_off(device_type: str):
+    return torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
+        else contextlib.nullcontext()
+
+
 def _aggregated_blocks(kernel: torch.Tensor, weight: torch.Tensor):
     """Yields (output-channel slice, per-sample kernels (B, rows, fan_in) of those channels), reusing one buffer."""
     batch_size, (kernel_num, out_chs, fan_in) = kernel.shape[0], weight.shape
@@ -56,7 +68,8 @@ def _aggregated_blocks(kernel: torch.Tensor, weight: torch.Tensor):
     for start in range(0, out_chs, rows):
         stop = min(start + rows, out_chs)
         block = buf[:batch_size * (stop - start) * fan_in].view(batch_size, -1)
-        torch.mm(kernel, flat[:, start * fan_in:stop * fan_in], out=block)
+        with _autocast_off(weight.device.type):  # computes in the buffer's dtype
+            torch.mm(kernel, flat[:, start * fan_in:stop * fan_in], out=block)
         yield slice(start, stop), block.view(batch_size, stop - start, fan_in)
 
 
@@ -70,10 +83,7 @@ class _AggregatedBmm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernel, weight, cols):
         ctx.dtypes = kernel.dtype, weight.dtype
-        device_type = cols.device.type
-        autocast_off = torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
-            else contextlib.nullcontext()
-        with autocast_off:
+        with _autocast_off(cols.device.type):
             kernel, weight = kernel.to(cols.dtype), weight.to(cols.dtype)
             ctx.save_for_backward(kernel, weight, cols)
             return torch.cat([torch.bmm(w, cols) for _, w in _aggregated_blocks(kernel, weight)], 1)
@@ -101,6 +111,14 @@ class _AggregatedBmm(torch.autograd.Function):
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _conv_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.conv2d computes x in here: autocast's where it is on."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
 class ODAttention(nn.Module):
@@ -229,6 +247,13 @@ class ODConv2d(nn.Module):
             torch.empty(kernel_num, out_chs, in_chs // groups, kernel_size, kernel_size, **dd))
         self.reset_parameters()
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(memory_format=torch.channels_last) converts 4-D and 5-D tensors to that 4-D format, which fails
+        # on the 5-D kernel bank: `fn` gets the bank as one 4-D stack, and the bank stays contiguous.
+        def fn_kernel_bank(t):
+            return fn(t.flatten(0, 1)).contiguous().view(t.shape) if t.dim() == 5 else fn(t)
+        return super()._apply(fn_kernel_bank, recurse)
+
     def reset_parameters(self) -> None:
         for w in self.weight.data:
             nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu')
@@ -237,6 +262,24 @@ class ODConv2d(nn.Module):
         return (f'{self.in_chs}, {self.out_chs}, kernel_size={self.kernel_size}, stride={self.stride}, '
                 f'padding={self.padding}, dilation={self.dilation}, groups={self.groups}, '
                 f'kernel_num={self.kernel_num}')
+
+    def count_macs(self, input_shape: torch.Size, output_shape: torch.Size) -> int:
+        """Multiply-adds of one forward as the paper counts them, whatever formulation runs (scripts/model_info.py).
+
+        The convolution with one kernel, the attention fcs, and the kernel aggregation of eq. 2: each attention that
+        varies over a kernel's elements (channel; filter unless depth-wise; spatial unless 1x1) multiplies every
+        element of every candidate kernel once, and the kernel attention and the sum over the candidates ride on the
+        last of those multiply-adds. This reproduces the published OD-ResNet-50 overheads over ResNet-50 (+0.058G
+        1x, +0.222G 4x) to within 4%; benchmarks/odconv.md compares every published row.
+        """
+        attn = self.attention
+        kernel_numel = self.weight[0].numel()
+        fcs = sum(fc.weight.numel() for fc in (attn.fc, attn.channel_fc, attn.filter_fc, attn.spatial_fc,
+                                               attn.kernel_fc) if fc is not None)
+        attentions_on_kernel = 1 + (attn.filter_fc is not None) + (attn.spatial_fc is not None)
+        aggregation = self.kernel_num * kernel_numel * attentions_on_kernel
+        convolution = kernel_numel * output_shape[2] * output_shape[3]
+        return input_shape[0] * (convolution + fcs + aggregation)
 
     def _sample_weights(
             self,
@@ -255,13 +298,22 @@ class ODConv2d(nn.Module):
             weight = weight * spatial.view(batch_size, 1, 1, self.kernel_size, self.kernel_size)
         return weight
 
+    def _conv_sample_weights(self, x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+        """Convolution of each sample with its own kernels (B, out, in/groups, k, k): the release's convolution with
+        groups = batch (one oneDNN convolution per sample with a hand-written backward was no faster on the whole
+        od_resnet50 training step: benchmarks/odconv.md)."""
+        batch_size = x.shape[0]
+        out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]), None, stride,
+                       self.padding, self.dilation, self.groups * batch_size)
+        return out.view(batch_size, self.out_chs, *out.shape[2:])
+
     def _output_size(self, size: int) -> int:
         return (size + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
 
     def _forward_pointwise(self, x, channel, filter_, kernel):
         """1x1, several kernels, filter attention included. Maps <= _UNFOLD_MAX_PIXELS: `_AggregatedBmm`; larger
-        ones: per-sample weights and, without autograd, one plain convolution per sample, else a convolution with
-        groups = batch (oneDNN's convolutions beat MKL's bmm there: benchmarks/odconv.md)."""
+        ones: per-sample weights and `_conv_sample_weights` (oneDNN's convolutions beat MKL's bmm there:
+        benchmarks/odconv.md)."""
         batch_size = x.shape[0]
         x = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
         height, width = x.shape[-2:]
@@ -271,18 +323,35 @@ class ODConv2d(nn.Module):
             out = out.view(batch_size, self.out_chs, height, width) * filter_[:, :, None, None]
             return out.contiguous(memory_format=_memory_format(x))
         weight = self._sample_weights(None, kernel, batch_size)
-        if not torch.is_grad_enabled():
-            # Both attentions on the (B, out, in) weights: no pass over the activations.
-            weight = weight * (filter_[:, :, None] * channel[:, None, :])[..., None, None]
-            return torch.cat([F.conv2d(x[i:i + 1], weight[i]) for i in range(batch_size)])
         # The channel attention goes on whichever operand is smaller.
         if height * width < self.out_chs:
             x = x * channel[:, :, None, None]
         else:
             weight = weight * channel[:, None, :, None, None]
-        out = F.conv2d(x.reshape(1, -1, height, width), weight.reshape(-1, self.in_chs, 1, 1), None, 1, 0, 1,
-                       batch_size)
-        return out.view(batch_size, self.out_chs, height, width) * filter_[:, :, None, None]
+        return self._conv_sample_weights(x, weight, stride=1) * filter_[:, :, None, None]
+
+    def _forward_per_sample(self, x, channel, filter_, spatial, kernel):
+        """Dense convs on CPU without autograd: per-sample kernels with the attentions folded in, built one block of
+        output channels at a time (`_aggregated_blocks`), then one oneDNN convolution per sample and block. Only
+        the filter attention may touch the activations (on the output, when that is smaller than the kernels)."""
+        batch_size = x.shape[0]
+        out_h, out_w = self._output_size(x.shape[2]), self._output_size(x.shape[3])
+        fan_in = self.in_chs * self.kernel_size * self.kernel_size
+        in_scale = channel[:, :, None] if spatial is None else channel[:, :, None] * spatial[:, None, :]
+        in_scale = in_scale.reshape(batch_size, 1, fan_in)
+        filter_on_weight = fan_in <= out_h * out_w
+        # The kernels are built in the weight's dtype (autocast leaves the attentions in its lower one).
+        kernel = self.weight.new_ones(batch_size, 1) if kernel is None else kernel.to(self.weight.dtype)
+        out = torch.empty((batch_size, self.out_chs, out_h, out_w), dtype=_conv_dtype(x), device=x.device,
+                          memory_format=_memory_format(x))
+        for rows, weight in _aggregated_blocks(kernel, self.weight.view(self.kernel_num, self.out_chs, fan_in)):
+            weight.mul_(in_scale)
+            if filter_on_weight:
+                weight.mul_(filter_[:, rows, None])
+            weight = weight.view(batch_size, -1, self.in_chs, self.kernel_size, self.kernel_size)
+            for i in range(batch_size):
+                out[i, rows] = F.conv2d(x[i:i + 1], weight[i], None, self.stride, self.padding, self.dilation)[0]
+        return out if filter_on_weight else out.mul_(filter_[:, :, None, None])
 
     def _forward_unfold(self, x, channel, spatial, kernel):
         """k x k on small maps: im2col columns scaled by the channel and spatial attentions, then one GEMM with the
@@ -304,6 +373,9 @@ class ODConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channel, filter_, spatial, kernel = self.attention(x)
         batch_size = x.shape[0]
+        if self.groups == 1 and x.device.type == 'cpu' and not torch.is_grad_enabled() and (
+                self.kernel_num > 1 or x.shape[2] * x.shape[3] >= _PER_SAMPLE_MIN_PIXELS):
+            return self._forward_per_sample(x, channel, filter_, spatial, kernel)
         if self.kernel_size == 1 and self.kernel_num == 1:
             # All attentions act on activations: a plain convolution with the static weight.
             out = F.conv2d(x * channel[:, :, None, None], self.weight[0], None, self.stride, self.padding,
@@ -313,14 +385,12 @@ class ODConv2d(nn.Module):
         elif filter_ is None:
             # Depth-wise: the channel attention scales the per-sample kernels (k*k per channel, cheaper than HxW).
             weight = self._sample_weights(spatial, kernel, batch_size) * channel[:, :, None, None, None]
-            out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, 1, *weight.shape[3:]), None,
-                           self.stride, self.padding, self.dilation, self.groups * batch_size)
-            return out.view(batch_size, self.out_chs, *out.shape[2:])
+            return self._conv_sample_weights(x, weight, self.stride)
         elif self.groups == 1 and self._output_size(x.shape[2]) * self._output_size(x.shape[3]) <= _UNFOLD_MAX_PIXELS:
             out = self._forward_unfold(x, channel, spatial, kernel)
         else:
-            # Per-sample kernels and one convolution with groups = batch (the release's scheme). The channel and
-            # filter attentions scale the kernels (dense convs) when those are smaller than the activations.
+            # Per-sample kernels (the release's scheme). The channel and filter attentions scale the kernels (dense
+            # convs) when those are smaller than the activations.
             weight = self._sample_weights(spatial, kernel, batch_size)
             out_pixels = self._output_size(x.shape[2]) * self._output_size(x.shape[3])
             scale_weight = self.groups == 1 and \
@@ -329,9 +399,7 @@ class ODConv2d(nn.Module):
                 weight = weight * (filter_[:, :, None] * channel[:, None, :])[..., None, None]
             else:
                 x = x * channel[:, :, None, None]
-            out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]), None,
-                           self.stride, self.padding, self.dilation, self.groups * batch_size)
-            out = out.view(batch_size, self.out_chs, *out.shape[2:])
+            out = self._conv_sample_weights(x, weight, self.stride)
             if scale_weight:
                 return out
         filter_ = filter_[:, :, None, None]
