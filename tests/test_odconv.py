@@ -122,6 +122,30 @@ def test_layer_matches_released_formulation_without_autograd(
         torch.testing.assert_close(layer(x.contiguous(memory_format=torch.channels_last)), ref)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
+@pytest.mark.parametrize('size', [5, 9], ids=['bmm', 'grouped-conv'])
+@pytest.mark.parametrize('kernel_num', [1, 4])
+@pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', LAYER_CASES)
+def test_cuda_layer_matches_released_formulation(in_chs, out_chs, k, stride, groups, kernel_num, size):
+    """On a GPU (one block of per-sample kernels, cuBLAS/cuDNN): outputs and gradients, fp64; then fp16 autocast."""
+    layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num).cuda()
+    x = torch.randn(3, in_chs, size, size, dtype=torch.float64, device='cuda')
+    for train in (True, False):
+        layer.train(train)
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        ours, ref = layer(xs[0]), released_odconv(layer, xs[1])
+        torch.testing.assert_close(ours, ref)
+        grad = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(ours, [xs[0], layer.weight], grad),
+                        torch.autograd.grad(ref, [xs[1], layer.weight], grad)):
+            torch.testing.assert_close(a, b)
+    layer = layer.float().train()
+    with torch.autocast('cuda', dtype=torch.float16):
+        out = layer(x.float())
+    out.float().square().sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(layer.weight.grad).all()
+
+
 @pytest.mark.parametrize('kernel_num', [1, 4])
 def test_per_sample_path_under_bfloat16_autocast(kernel_num):
     layer = _layer(8, 12, 3, 1, 1, kernel_num, torch.float32).eval()

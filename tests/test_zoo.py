@@ -2,6 +2,7 @@
 scripts/reproduce.py validates checkpoints in every release format and compares them with the published numbers."""
 import csv
 import json
+import re
 
 import pytest
 import timm
@@ -41,6 +42,17 @@ def test_committed_counts_are_current(zoo_rows):
 def test_committed_docs_are_current(zoo_rows):
     assert model_zoo.DOC_CSV.read_text() == model_zoo.to_csv(zoo_rows), f'docs/model_zoo.csv {STALE}'
     assert model_zoo.DOC_MD.read_text() == model_zoo.to_markdown(zoo_rows), f'docs/model_zoo.md {STALE}'
+
+
+def test_readme_model_table_matches_the_zoo():
+    """Every README row naming one model (and its kwargs) shows the zoo CSV's params and GMACs."""
+    with open(model_zoo.DOC_CSV) as f:
+        zoo = {(r['model'], r['kwargs']): (r['params_m'], r['gmacs']) for r in csv.DictReader(f)}
+    readme = (model_zoo.REPO / 'README.md').read_text()
+    rows = re.findall(r'^\| `([^`]+)` \|\s*([^|]*?)\s*\| ([0-9.]+) \| ([0-9.]+) \|', readme, flags=re.M)
+    assert len(rows) >= 20
+    for model, kwargs, params, gmacs in rows:
+        assert zoo[(model, kwargs)] == (params, gmacs), f'README row {model} {kwargs}: update it from docs/model_zoo.csv'
 
 
 def test_published_rows_match_by_name_and_args(tmp_path):

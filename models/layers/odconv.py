@@ -37,8 +37,9 @@ _UNFOLD_MAX_PIXELS = 64
 # With one kernel and no autograd, CPU inputs of at least this many pixels take the per-sample path: there it beats a
 # static convolution plus the attention passes over the activations; on smaller maps it loses (benchmarks/odconv.md).
 _PER_SAMPLE_MIN_PIXELS = 1024
-# `_AggregatedBmm` writes per-sample kernels into one reused buffer of at most this many elements: a fresh B x |W|
-# tensor costs more in page faults than the aggregation itself (stage 4 of od_resnet50: benchmarks/odconv.md).
+# On CPU, per-sample kernels are written into one reused buffer of at most this many elements: a fresh B x |W|
+# tensor costs more in page faults than the aggregation itself (stage 4 of od_resnet50: benchmarks/odconv.md). Other
+# devices (caching allocators, launch overhead per block) aggregate all output channels at once.
 _BLOCK_NUMEL = 1 << 21
 
 
@@ -62,7 +63,9 @@ def _autocast_off(device_type: str):
 def _aggregated_blocks(kernel: torch.Tensor, weight: torch.Tensor):
     """Yields (output-channel slice, per-sample kernels (B, rows, fan_in) of those channels), reusing one buffer."""
     batch_size, (kernel_num, out_chs, fan_in) = kernel.shape[0], weight.shape
-    rows = max(1, min(out_chs, _BLOCK_NUMEL // (batch_size * fan_in)))
+    rows = out_chs
+    if weight.device.type == 'cpu':
+        rows = max(1, min(out_chs, _BLOCK_NUMEL // (batch_size * fan_in)))
     flat = weight.view(kernel_num, -1)
     buf = torch.empty(batch_size * rows * fan_in, dtype=torch.result_type(kernel, weight), device=weight.device)
     for start in range(0, out_chs, rows):
