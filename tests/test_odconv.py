@@ -66,6 +66,19 @@ def _layer(in_chs, out_chs, k, stride, groups, kernel_num, dtype=torch.float64):
     return layer
 
 
+def _assert_matches_released(layer: ODConv2d, x: torch.Tensor, *params: torch.Tensor) -> None:
+    """Outputs and gradients (input, kernel bank, `params`) equal the release's, in train and eval mode."""
+    for train in (True, False):
+        layer.train(train)
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        ours, ref = layer(xs[0]), released_odconv(layer, xs[1])
+        torch.testing.assert_close(ours, ref)
+        grad = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(ours, [xs[0], layer.weight, *params], grad),
+                        torch.autograd.grad(ref, [xs[1], layer.weight, *params], grad)):
+            torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize('kernel_num', [1, 2, 4])
 @pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', LAYER_CASES)
 def test_layer_shapes_attentions_and_gradients(in_chs, out_chs, k, stride, groups, kernel_num):
@@ -94,16 +107,7 @@ def test_layer_matches_released_formulation(in_chs, out_chs, k, stride, groups, 
     x = torch.randn(3, in_chs, 9, 9, dtype=torch.float64)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    for train in (True, False):
-        layer.train(train)
-        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
-        ours, ref = layer(xs[0]), released_odconv(layer, xs[1])
-        torch.testing.assert_close(ours, ref)
-        grad = torch.randn_like(ref)
-        grads_ours = torch.autograd.grad(ours, [xs[0], layer.weight], grad)
-        grads_ref = torch.autograd.grad(ref, [xs[1], layer.weight], grad)
-        for a, b in zip(grads_ours, grads_ref):
-            torch.testing.assert_close(a, b)
+    _assert_matches_released(layer, x)
 
 
 @pytest.mark.parametrize('size', [9, 33], ids=['small-map', 'large-map'])  # 33x33: one kernel per-sample too
@@ -130,15 +134,7 @@ def test_cuda_layer_matches_released_formulation(in_chs, out_chs, k, stride, gro
     """On a GPU (one block of per-sample kernels, cuBLAS/cuDNN): outputs and gradients, fp64; then fp16 autocast."""
     layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num).cuda()
     x = torch.randn(3, in_chs, size, size, dtype=torch.float64, device='cuda')
-    for train in (True, False):
-        layer.train(train)
-        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
-        ours, ref = layer(xs[0]), released_odconv(layer, xs[1])
-        torch.testing.assert_close(ours, ref)
-        grad = torch.randn_like(ref)
-        for a, b in zip(torch.autograd.grad(ours, [xs[0], layer.weight], grad),
-                        torch.autograd.grad(ref, [xs[1], layer.weight], grad)):
-            torch.testing.assert_close(a, b)
+    _assert_matches_released(layer, x)
     layer = layer.float().train()
     with torch.autocast('cuda', dtype=torch.float16):
         out = layer(x.float())
@@ -176,15 +172,7 @@ def test_blockwise_kernel_aggregation_matches_released_formulation(monkeypatch, 
     monkeypatch.setattr(odconv, '_BLOCK_NUMEL', 7)
     layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num=4)
     x = torch.randn(3, in_chs, 5, 5, dtype=torch.float64)  # <= 64 output pixels: the blockwise bmm paths
-    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
-    ours, ref = layer(xs[0]), released_odconv(layer, xs[1])
-    torch.testing.assert_close(ours, ref)
-    grad = torch.randn_like(ref)
-    kernel_fc = layer.attention.kernel_fc.weight
-    grads_ours = torch.autograd.grad(ours, [xs[0], layer.weight, kernel_fc], grad)
-    grads_ref = torch.autograd.grad(ref, [xs[1], layer.weight, kernel_fc], grad)
-    for a, b in zip(grads_ours, grads_ref):
-        torch.testing.assert_close(a, b)
+    _assert_matches_released(layer, x, layer.attention.kernel_fc.weight)
 
 
 def test_batch_of_one_in_training_gives_clear_error():
