@@ -11,6 +11,7 @@ Usage:
 """
 import argparse
 import difflib
+import functools
 import logging
 import os
 import sys
@@ -47,7 +48,7 @@ def count_params_and_macs(
     Args:
         model: The model, on any device (meta included); put in eval mode for the count, then restored.
         input_size: (C, H, W) of the image.
-        depth: If given, log FlopCounterMode's per-module table down to this depth.
+        depth: If given, log the GMACs of every module down to this depth.
 
     Returns:
         (params, macs) as integers.
@@ -56,33 +57,34 @@ def count_params_and_macs(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False, depth=depth or 1)
-    adjustment = _CountMacsOverrides(model, counter)
+    counter = FlopCounterMode(display=False)
+    overrides = _CountMacsOverrides(model, counter)
     try:
         with torch.no_grad(), counter:
             model(torch.zeros(1, *input_size, device=device))
     finally:
         model.train(was_training)
-        adjustment.remove_hooks()
+        overrides.remove_hooks()
     if depth:
-        _logger.info('\n' + counter.get_table(depth))
-    return params, counter.get_total_flops() // 2 + adjustment.macs
+        _logger.info(_macs_table(model, counter, overrides.corrections, depth))
+    return params, counter.get_total_flops() // 2 + sum(overrides.corrections.values())
 
 
 class _CountMacsOverrides:
     """Forward hooks on the modules that define `count_macs(input_shape, output_shape)`: the MACs they return replace
     those FlopCounterMode counted inside them (a dynamic layer's count then follows its paper's convention, not the
-    formulation that happened to run). `macs` is the correction to add to the counter's total."""
+    formulation that happened to run). `corrections` maps such a module's name, as FlopCounterMode names it, to the
+    MACs to add to the counter's."""
 
     def __init__(self, model: torch.nn.Module, counter: FlopCounterMode):
-        self.macs = 0
+        self.corrections = {}
         self._counter = counter
         self._open = []  # counter totals at the entry of the overriding modules being run
         self._handles = []
-        for module in model.modules():
+        for name, module in model.named_modules():
             if callable(getattr(module, 'count_macs', None)):
-                self._handles += [module.register_forward_pre_hook(self._enter),
-                                  module.register_forward_hook(self._leave)]
+                self._handles += [module.register_forward_pre_hook(self._enter), module.register_forward_hook(
+                    functools.partial(self._leave, _counter_name(model, name)))]
 
     def _counted(self) -> int:
         return sum(self._counter.get_flop_counts().get('Global', {}).values())
@@ -90,14 +92,34 @@ class _CountMacsOverrides:
     def _enter(self, module, args):
         self._open.append(self._counted())
 
-    def _leave(self, module, args, output):
+    def _leave(self, name, module, args, output):
         start = self._open.pop()
         if not self._open:  # an outermost overriding module replaces everything counted inside it
-            self.macs += module.count_macs(args[0].shape, output.shape) - (self._counted() - start) // 2
+            correction = module.count_macs(args[0].shape, output.shape) - (self._counted() - start) // 2
+            self.corrections[name] = self.corrections.get(name, 0) + correction
 
     def remove_hooks(self):
         for handle in self._handles:
             handle.remove()
+
+
+def _counter_name(model: torch.nn.Module, name: str) -> str:
+    """A submodule's name in FlopCounterMode's counts: the root's class name, then the dotted path."""
+    return f'{type(model).__name__}.{name}' if name else type(model).__name__
+
+
+def _macs_table(model: torch.nn.Module, counter: FlopCounterMode, corrections: dict, depth: int) -> str:
+    """GMACs per module down to `depth` (the total first), overridden modules counted by their `count_macs`."""
+    counts = {name: sum(ops.values()) // 2 for name, ops in counter.get_flop_counts().items()}
+    names = ['Global'] + [_counter_name(model, name) for name, _ in model.named_modules()]
+    lines = [f'{"module":<64} {"GMACs":>10}']
+    for name in names:
+        if name not in counts or (name != 'Global' and name.count('.') + 1 > depth):
+            continue
+        macs = counts[name] + sum(c for inner, c in corrections.items()
+                                  if name in ('Global', inner) or inner.startswith(name + '.'))
+        lines.append(f'{name:<64} {macs / 1e9:>10.4f}')
+    return '\n'.join(lines)
 
 
 def create_counting_model(name: str, **kwargs) -> torch.nn.Module:

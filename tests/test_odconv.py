@@ -1,5 +1,6 @@
 """ODConv family: the layer against the release's formulation, the temperature hooks, the models and the configs."""
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -198,7 +199,7 @@ def test_flop_counter_sees_attention_and_kernel_aggregation(size):
     assert counter.get_total_flops() == 2 * macs
 
 
-def test_count_macs_follows_the_papers_convention():
+def test_count_macs_follows_the_papers_convention(caplog):
     """model_info counts an ODConv by ODConv2d.count_macs, whatever formulation runs; the static stem conv of a
     model stays counted by FlopCounterMode."""
     hidden = 16
@@ -210,6 +211,13 @@ def test_count_macs_follows_the_papers_convention():
     assert count_params_and_macs(layer, (64, 10, 10))[1] == expected
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 1, bias=False), layer)
     assert count_params_and_macs(model, (3, 10, 10))[1] == expected + 3 * 64 * 10 * 10
+    with caplog.at_level(logging.INFO, logger='scripts.model_info'):  # the per-module table agrees
+        count_params_and_macs(model, (3, 10, 10), depth=2)
+    rows = {line.split()[0]: float(line.split()[1]) for line in caplog.text.splitlines()[-4:]}
+    assert rows == {'Global': pytest.approx((expected + 3 * 64 * 100) / 1e9, abs=1e-4),
+                    'Sequential': pytest.approx((expected + 3 * 64 * 100) / 1e9, abs=1e-4),
+                    'Sequential.0': pytest.approx(3 * 64 * 100 / 1e9, abs=1e-4),
+                    'Sequential.1': pytest.approx(expected / 1e9, abs=1e-4)}
     depthwise = ODConv2d(16, 16, 3, groups=16, kernel_num=1)  # channel and spatial attentions only
     assert depthwise.count_macs((2, 16, 7, 7), (2, 16, 5, 5)) == 2 * (
         16 * 9 * 25 + 16 * hidden + hidden * (16 + 9) + 16 * 9 * 2)
