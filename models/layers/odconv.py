@@ -117,9 +117,10 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def _conv_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype F.conv2d computes x in here: autocast's where it is on."""
+    """The dtype F.conv2d computes x in here: autocast's where it is on (autocast leaves float64 alone)."""
     device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if x.dtype != torch.float64 and torch.amp.is_autocast_available(device_type) and \
+            torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 
