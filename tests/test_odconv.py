@@ -116,9 +116,11 @@ def test_layer_matches_released_formulation(in_chs, out_chs, k, stride, groups, 
 @pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', LAYER_CASES)
 def test_layer_matches_released_formulation_without_autograd(
         monkeypatch, in_chs, out_chs, k, stride, groups, kernel_num, size):
-    """The no-grad paths (per-sample convs on kernels built block by block with the attentions folded in, in-place
-    scaling) stay exact, in both memory formats."""
-    monkeypatch.setattr(odconv, '_BLOCK_NUMEL', 3 * 5 * in_chs * k * k)  # blocks of 5 output channels
+    """The no-grad paths (per-sample convs on kernels built per chunk of samples and block of output channels with
+    the attentions folded in, in-place scaling) stay exact, in both memory formats."""
+    # Chunks of 2 samples, then blocks of 5 output channels (5 is the fewest rows a block may hold).
+    monkeypatch.setattr(odconv, '_BLOCK_NUMEL', 2 * 5 * in_chs * k * k)
+    monkeypatch.setattr(odconv, '_MIN_BLOCK_ROWS', 5)
     layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num).eval()
     x = torch.randn(3, in_chs, size, size, dtype=torch.float64)
     with torch.no_grad():

@@ -41,6 +41,9 @@ _PER_SAMPLE_MIN_PIXELS = 1024
 # tensor costs more in page faults than the aggregation itself (stage 4 of od_resnet50: benchmarks/odconv.md). Other
 # devices (caching allocators, launch overhead per block) aggregate all output channels at once.
 _BLOCK_NUMEL = 1 << 21
+# `_forward_per_sample` splits the batch so that its blocks hold at least this many output channels: one convolution
+# per sample and block, so thin blocks multiply the calls (a batch of 256 would otherwise get one channel per block).
+_MIN_BLOCK_ROWS = 64
 
 
 def odconv_temperature(epochs: float, temp_init: float = 30., temp_epochs: float = 10.) -> float:
@@ -335,9 +338,10 @@ class ODConv2d(nn.Module):
         return self._conv_sample_weights(x, weight, stride=1) * filter_[:, :, None, None]
 
     def _forward_per_sample(self, x, channel, filter_, spatial, kernel):
-        """Dense convs on CPU without autograd: per-sample kernels with the attentions folded in, built one block of
-        output channels at a time (`_aggregated_blocks`), then one oneDNN convolution per sample and block. Only
-        the filter attention may touch the activations (on the output, when that is smaller than the kernels)."""
+        """Dense convs on CPU without autograd: per-sample kernels with the attentions folded in, built one chunk of
+        samples and one block of output channels at a time (`_aggregated_blocks`), then one oneDNN convolution per
+        sample and block. Only the filter attention may touch the activations (on the output, when that is smaller
+        than the kernels)."""
         batch_size = x.shape[0]
         out_h, out_w = self._output_size(x.shape[2]), self._output_size(x.shape[3])
         fan_in = self.in_chs * self.kernel_size * self.kernel_size
@@ -348,13 +352,19 @@ class ODConv2d(nn.Module):
         kernel = self.weight.new_ones(batch_size, 1) if kernel is None else kernel.to(self.weight.dtype)
         out = torch.empty((batch_size, self.out_chs, out_h, out_w), dtype=_conv_dtype(x), device=x.device,
                           memory_format=_memory_format(x))
-        for rows, weight in _aggregated_blocks(kernel, self.weight.view(self.kernel_num, self.out_chs, fan_in)):
-            weight.mul_(in_scale)
-            if filter_on_weight:
-                weight.mul_(filter_[:, rows, None])
-            weight = weight.view(batch_size, -1, self.in_chs, self.kernel_size, self.kernel_size)
-            for i in range(batch_size):
-                out[i, rows] = F.conv2d(x[i:i + 1], weight[i], None, self.stride, self.padding, self.dilation)[0]
+        bank = self.weight.view(self.kernel_num, self.out_chs, fan_in)
+        # Large batches go in chunks of samples, so that a block keeps enough output channels per convolution.
+        chunk = max(1, _BLOCK_NUMEL // (min(self.out_chs, _MIN_BLOCK_ROWS) * fan_in))
+        for first in range(0, batch_size, chunk):
+            samples = slice(first, first + chunk)
+            for rows, weight in _aggregated_blocks(kernel[samples], bank):
+                weight.mul_(in_scale[samples])
+                if filter_on_weight:
+                    weight.mul_(filter_[samples, rows, None])
+                weight = weight.view(weight.shape[0], -1, self.in_chs, self.kernel_size, self.kernel_size)
+                for i, sample_weight in enumerate(weight, first):
+                    out[i, rows] = F.conv2d(x[i:i + 1], sample_weight, None, self.stride, self.padding,
+                                            self.dilation)[0]
         return out if filter_on_weight else out.mul_(filter_[:, :, None, None])
 
     def _forward_unfold(self, x, channel, spatial, kernel):
