@@ -145,6 +145,23 @@ def test_cuda_layer_matches_released_formulation(in_chs, out_chs, k, stride, gro
     assert torch.isfinite(out).all() and torch.isfinite(layer.weight.grad).all()
 
 
+def test_per_sample_conv_matches_grouped_conv():
+    """`_PerSampleConv` (CPU training path) with stride, padding and dilation: gradcheck, and the same values as the
+    grouped convolution; under bfloat16 autocast it computes in bfloat16 and returns float32 gradients."""
+    x = torch.randn(3, 4, 9, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 5, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    conv_args = (2, 1, 2)  # stride, padding, dilation
+    assert torch.autograd.gradcheck(lambda x, w: odconv._PerSampleConv.apply(x, w, *conv_args), (x, weight))
+    grouped = F.conv2d(x.reshape(1, 12, 9, 8), weight.reshape(15, 4, 3, 3), None, *conv_args, 3).view(3, 5, 4, 3)
+    torch.testing.assert_close(odconv._PerSampleConv.apply(x, weight, *conv_args), grouped)
+    x, weight = x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = odconv._PerSampleConv.apply(x, weight, *conv_args)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == weight.grad.dtype == torch.float32
+
+
 @pytest.mark.parametrize('kernel_num', [1, 4])
 def test_per_sample_path_under_bfloat16_autocast(kernel_num):
     layer = _layer(8, 12, 3, 1, 1, kernel_num, torch.float32).eval()

@@ -18,8 +18,9 @@ results in benchmarks/odconv.md):
   convolution on larger maps and a batched matmul on small ones (several kernels); a k x k ODConv on a small output
   map is im2col + GEMM with the spatial and channel attentions on the columns (one kernel: the static weight;
   several: `_AggregatedBmm`, which aggregates the per-sample kernels block by block in both passes); larger maps keep
-  the per-sample kernels and the grouped convolution, cheap there relative to the convolution. The channel and filter
-  attentions scale whichever is smaller, activations or kernels.
+  the per-sample kernels, cheap there relative to the convolution, convolved one sample at a time on CPU
+  (`_PerSampleConv`) and with groups = batch elsewhere. The channel and filter attentions scale whichever is
+  smaller, activations or kernels.
 """
 import contextlib
 from typing import Optional, Tuple
@@ -126,6 +127,46 @@ def _conv_dtype(x: torch.Tensor) -> torch.dtype:
             torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
+
+
+class _PerSampleConv(torch.autograd.Function):
+    """out[b] = conv2d(x[b], weight[b]) for dense per-sample kernels (B, out, in, k, k): one convolution per sample in
+    both passes (`aten.convolution_backward` per sample), written into preallocated outputs and gradients. On CPU this
+    beats oneDNN's convolution with groups = batch, the more so for larger batches, and autograd through per-sample
+    slices by far (each slice's backward writes an input-sized gradient): benchmarks/odconv.md. Computes in one
+    dtype (autocast's where it is on) with autocast off.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, dilation):
+        ctx.dtypes = x.dtype, weight.dtype
+        ctx.conv_args = stride, padding, dilation
+        dtype = _conv_dtype(x)
+        with _autocast_off(x.device.type):
+            x, weight = x.to(dtype), weight.to(dtype)
+            ctx.save_for_backward(x, weight)
+            outs = [F.conv2d(x[i:i + 1], weight[i], None, stride, padding, dilation) for i in range(x.shape[0])]
+            return torch.cat(outs).contiguous(memory_format=_memory_format(x))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation = ([a, a] for a in ctx.conv_args)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False]
+        grad_x = torch.empty_like(x) if mask[0] else None
+        grad_weight = torch.empty_like(weight) if mask[1] else None
+        grad_out = grad_out.to(x.dtype)
+        with _autocast_off(x.device.type):
+            for i in range(x.shape[0]):
+                grad_xi, grad_wi, _ = torch.ops.aten.convolution_backward(
+                    grad_out[i:i + 1], x[i:i + 1], weight[i], None, stride, padding, dilation, False, [0, 0], 1, mask)
+                if mask[0]:
+                    grad_x[i] = grad_xi[0]
+                if mask[1]:
+                    grad_weight[i] = grad_wi
+        return (grad_x if grad_x is None else grad_x.to(ctx.dtypes[0]),
+                grad_weight if grad_weight is None else grad_weight.to(ctx.dtypes[1]), None, None, None)
 
 
 class ODAttention(nn.Module):
@@ -306,9 +347,10 @@ class ODConv2d(nn.Module):
         return weight
 
     def _conv_sample_weights(self, x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
-        """Convolution of each sample with its own kernels (B, out, in/groups, k, k): the release's convolution with
-        groups = batch (one oneDNN convolution per sample with a hand-written backward was no faster on the whole
-        od_resnet50 training step: benchmarks/odconv.md)."""
+        """Convolution of each sample with its own kernels (B, out, in/groups, k, k): `_PerSampleConv` for dense
+        convs on CPU, else the release's convolution with groups = batch."""
+        if self.groups == 1 and x.device.type == 'cpu':
+            return _PerSampleConv.apply(x, weight, stride, self.padding, self.dilation)
         batch_size = x.shape[0]
         out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]), None, stride,
                        self.padding, self.dilation, self.groups * batch_size)
