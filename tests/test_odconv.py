@@ -189,7 +189,7 @@ def test_channels_last_model_conversion_keeps_the_kernel_bank():
 @pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', [c for c in LAYER_CASES if c[-1] == 1])
 def test_blockwise_kernel_aggregation_matches_released_formulation(monkeypatch, in_chs, out_chs, k, stride, groups):
     """Per-sample kernels aggregated a few output channels at a time give the same outputs and gradients."""
-    monkeypatch.setattr(odconv, '_BLOCK_NUMEL', 7)
+    monkeypatch.setattr(odconv, '_BMM_BLOCK_NUMEL', 7)
     layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num=4)
     x = torch.randn(3, in_chs, 5, 5, dtype=torch.float64)  # <= 64 output pixels: the blockwise bmm paths
     _assert_matches_released(layer, x, layer.attention.kernel_fc.weight)

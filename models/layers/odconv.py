@@ -40,7 +40,10 @@ _UNFOLD_MAX_PIXELS = 64
 _PER_SAMPLE_MIN_PIXELS = 1024
 # On CPU, per-sample kernels are written into one reused buffer of at most this many elements: a fresh B x |W|
 # tensor costs more in page faults than the aggregation itself (stage 4 of od_resnet50: benchmarks/odconv.md). Other
-# devices (caching allocators, launch overhead per block) aggregate all output channels at once.
+# devices (caching allocators, launch overhead per block) aggregate all output channels at once. `_AggregatedBmm`
+# uses smaller blocks (about L2-sized: each block is multiplied, and in the backward reduced twice, while cached);
+# `_forward_per_sample` larger ones (every block costs one convolution call per sample).
+_BMM_BLOCK_NUMEL = 1 << 19
 _BLOCK_NUMEL = 1 << 21
 # `_forward_per_sample` splits the batch so that its blocks hold at least this many output channels: one convolution
 # per sample and block, so thin blocks multiply the calls (a batch of 256 would otherwise get one channel per block).
@@ -64,12 +67,12 @@ def _autocast_off(device_type: str):
         else contextlib.nullcontext()
 
 
-def _aggregated_blocks(kernel: torch.Tensor, weight: torch.Tensor):
+def _aggregated_blocks(kernel: torch.Tensor, weight: torch.Tensor, block_numel: int):
     """Yields (output-channel slice, per-sample kernels (B, rows, fan_in) of those channels), reusing one buffer."""
     batch_size, (kernel_num, out_chs, fan_in) = kernel.shape[0], weight.shape
     rows = out_chs
     if weight.device.type == 'cpu':
-        rows = max(1, min(out_chs, _BLOCK_NUMEL // (batch_size * fan_in)))
+        rows = max(1, min(out_chs, block_numel // (batch_size * fan_in)))
     flat = weight.view(kernel_num, -1)
     buf = torch.empty(batch_size * rows * fan_in, dtype=torch.result_type(kernel, weight), device=weight.device)
     for start in range(0, out_chs, rows):
@@ -93,7 +96,8 @@ class _AggregatedBmm(torch.autograd.Function):
         with _autocast_off(cols.device.type):
             kernel, weight = kernel.to(cols.dtype), weight.to(cols.dtype)
             ctx.save_for_backward(kernel, weight, cols)
-            return torch.cat([torch.bmm(w, cols) for _, w in _aggregated_blocks(kernel, weight)], 1)
+            blocks = _aggregated_blocks(kernel, weight, _BMM_BLOCK_NUMEL)
+            return torch.cat([torch.bmm(w, cols) for _, w in blocks], 1)
 
     @staticmethod
     @once_differentiable
@@ -105,7 +109,7 @@ class _AggregatedBmm(torch.autograd.Function):
         grad_kernel = torch.zeros_like(kernel)
         grad_weight = torch.empty_like(weight)
         grad_cols = torch.zeros_like(cols) if ctx.needs_input_grad[2] else None
-        for rows, w in _aggregated_blocks(kernel, weight):
+        for rows, w in _aggregated_blocks(kernel, weight, _BMM_BLOCK_NUMEL):
             grad = grad_out[:, rows]
             if grad_cols is not None:
                 grad_cols.baddbmm_(w.transpose(1, 2), grad)
@@ -399,7 +403,7 @@ class ODConv2d(nn.Module):
         chunk = max(1, _BLOCK_NUMEL // (min(self.out_chs, _MIN_BLOCK_ROWS) * fan_in))
         for first in range(0, batch_size, chunk):
             samples = slice(first, first + chunk)
-            for rows, weight in _aggregated_blocks(kernel[samples], bank):
+            for rows, weight in _aggregated_blocks(kernel[samples], bank, _BLOCK_NUMEL):
                 weight.mul_(in_scale[samples])
                 if filter_on_weight:
                     weight.mul_(filter_[samples, rows, None])
