@@ -1047,10 +1047,12 @@ def _train(args, device, skipped_counter):
         train_state['step'] = None
         train_state['rng'] = _all_gather(args, _rng_state())
         if saver is not None:
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=latest_metric)
+            # The summary row first: a kill between the two then leaves a row that a resume from the previous
+            # checkpoint trims and rewrites, never a checkpoint whose epoch has no row.
             lrs = [g['lr'] for g in optimizer.param_groups]
             summary_path = os.path.join(output_dir, 'summary.csv')
             utils.update_summary(epoch, train_metrics, eval_metrics, filename=summary_path, lr=sum(lrs) / len(lrs))
+            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=latest_metric)
             _plot_curves(summary_path, os.path.join(output_dir, 'curves.png'))
             if tb_writer is not None:
                 for k, v in train_metrics.items():
