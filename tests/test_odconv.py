@@ -99,10 +99,14 @@ def test_layer_shapes_attentions_and_gradients(in_chs, out_chs, k, stride, group
         assert p.grad is not None and p.grad.abs().sum() > 0, f'no gradient reaches {name}'
 
 
+@pytest.mark.parametrize('per_sample_conv', [False, True], ids=['grouped-conv', 'per-sample-conv'])
 @pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('kernel_num', [1, 2, 4])
 @pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', LAYER_CASES)
-def test_layer_matches_released_formulation(in_chs, out_chs, k, stride, groups, kernel_num, channels_last):
+def test_layer_matches_released_formulation(
+        monkeypatch, in_chs, out_chs, k, stride, groups, kernel_num, channels_last, per_sample_conv):
+    if per_sample_conv:  # CPU training's `_PerSampleConv`, normally only for convs of >= 16M MACs per sample
+        monkeypatch.setattr(odconv, '_PER_SAMPLE_CONV_MIN_MACS', 0)
     layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num)
     layer.attention.temperature.fill_(7.)
     x = torch.randn(3, in_chs, 9, 9, dtype=torch.float64)

@@ -45,6 +45,9 @@ _PER_SAMPLE_MIN_PIXELS = 1024
 # `_forward_per_sample` larger ones (every block costs one convolution call per sample).
 _BMM_BLOCK_NUMEL = 1 << 19
 _BLOCK_NUMEL = 1 << 21
+# `_PerSampleConv` (CPU, autograd) takes convolutions of at least this many multiply-adds per sample; below, the call
+# overhead of B small convolutions exceeds what it saves over groups = batch (benchmarks/odconv.md).
+_PER_SAMPLE_CONV_MIN_MACS = 1 << 24
 # `_forward_per_sample` splits the batch so that its blocks hold at least this many output channels: one convolution
 # per sample and block, so thin blocks multiply the calls (a batch of 256 would otherwise get one channel per block).
 _MIN_BLOCK_ROWS = 64
@@ -352,16 +355,18 @@ class ODConv2d(nn.Module):
 
     def _conv_sample_weights(self, x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
         """Convolution of each sample with its own kernels (B, out, in/groups, k, k): `_PerSampleConv` for dense
-        convs on CPU, else the release's convolution with groups = batch."""
-        if self.groups == 1 and x.device.type == 'cpu':
+        convs on CPU that are large enough, else the release's convolution with groups = batch."""
+        out_pixels = self._output_size(x.shape[2], stride) * self._output_size(x.shape[3], stride)
+        if self.groups == 1 and x.device.type == 'cpu' and weight[0].numel() * out_pixels >= _PER_SAMPLE_CONV_MIN_MACS:
             return _PerSampleConv.apply(x, weight, stride, self.padding, self.dilation)
         batch_size = x.shape[0]
         out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]), None, stride,
                        self.padding, self.dilation, self.groups * batch_size)
         return out.view(batch_size, self.out_chs, *out.shape[2:])
 
-    def _output_size(self, size: int) -> int:
-        return (size + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
+    def _output_size(self, size: int, stride: Optional[int] = None) -> int:
+        stride = self.stride if stride is None else stride
+        return (size + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // stride + 1
 
     def _forward_pointwise(self, x, channel, filter_, kernel):
         """1x1, several kernels, filter attention included. Maps <= _UNFOLD_MAX_PIXELS: `_AggregatedBmm`; larger
