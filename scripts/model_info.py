@@ -86,16 +86,13 @@ class _CountMacsOverrides:
                 self._handles += [module.register_forward_pre_hook(self._enter), module.register_forward_hook(
                     functools.partial(self._leave, _counter_name(model, name)))]
 
-    def _counted(self) -> int:
-        return sum(self._counter.get_flop_counts().get('Global', {}).values())
-
     def _enter(self, module, args):
-        self._open.append(self._counted())
+        self._open.append(self._counter.get_total_flops())
 
     def _leave(self, name, module, args, output):
         start = self._open.pop()
         if not self._open:  # an outermost overriding module replaces everything counted inside it
-            correction = module.count_macs(args[0].shape, output.shape) - (self._counted() - start) // 2
+            correction = module.count_macs(args[0].shape, output.shape) - (self._counter.get_total_flops() - start) // 2
             self.corrections[name] = self.corrections.get(name, 0) + correction
 
     def remove_hooks(self):
