@@ -43,7 +43,7 @@ def ddf(
     padding, r = (k - 1) // 2, and F = sf[b, g, u * k + v, i, j] * cf[b, c, u, v] ('mul') or the sum ('add'), where
     g = c // (C // head). A filter given as None is the identity of the combination and is not read. Inputs of any
     memory format are accepted; the output is contiguous (NCHW). Differentiable once (no double backward). Any odd k
-    on CPU; on CUDA the filter gradients are compiled for k in {1, 3, 5, 7}.
+    on CPU and CUDA.
 
     Args:
         x: Input features (B, C, H, W), float32/float64/float16/bfloat16.

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 
 #include "../ddf.h"
 #include "ddf_kernel.cuh"
@@ -29,15 +30,26 @@ std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t)
   return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
 
-// Calls f(std::integral_constant<int, K>) for the kernel sizes the filter-gradient kernels are compiled for.
+// Calls f(std::bool_constant<mul>()): the kernels are compiled for each combination.
 template <typename F>
-void dispatch_kernel_size(int64_t k, F&& f) {
+void dispatch_combine(bool mul, F&& f) {
+  if (mul) {
+    f(std::true_type());
+  } else {
+    f(std::false_type());
+  }
+}
+
+// The filter-gradient kernels specialised for the kernel sizes of the released models keep k * k accumulators in
+// registers: specialised(std::integral_constant<int, k>()) for those, per_tap() for any other odd k.
+template <typename F, typename G>
+void dispatch_kernel_size(int64_t k, F&& specialised, G&& per_tap) {
   switch (k) {
-    case 1: f(std::integral_constant<int, 1>()); break;
-    case 3: f(std::integral_constant<int, 3>()); break;
-    case 5: f(std::integral_constant<int, 5>()); break;
-    case 7: f(std::integral_constant<int, 7>()); break;
-    default: TORCH_CHECK(false, "ddf: the CUDA filter gradients support kernel_size 1, 3, 5 or 7, got ", k);
+    case 1: specialised(std::integral_constant<int, 1>()); break;
+    case 3: specialised(std::integral_constant<int, 3>()); break;
+    case 5: specialised(std::integral_constant<int, 5>()); break;
+    case 7: specialised(std::integral_constant<int, 7>()); break;
+    default: per_tap(); break;
   }
 }
 
@@ -58,16 +70,12 @@ at::Tensor ddf_forward_cuda(
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ddf_forward_cuda", [&] {
-    const auto launch = [&](auto kernel) {
-      kernel<<<blocks_for(n), kThreads, 0, stream>>>(
+    dispatch_combine(p.mul, [&](auto mul) {
+      constexpr bool kMul = decltype(mul)::value;
+      ddf_forward_kernel<scalar_t, kMul><<<blocks_for(n), kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(cf), data_or_null<scalar_t>(sf),
           out.mutable_data_ptr<scalar_t>(), p, n);
-    };
-    if (p.mul) {
-      launch(ddf_forward_kernel<scalar_t, true>);
-    } else {
-      launch(ddf_forward_kernel<scalar_t, false>);
-    }
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -87,9 +95,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ddf_backward_cuda(
   const bool need_x = output_mask[0];
   const bool need_cf = output_mask[1] && cf.has_value();
   const bool need_sf = output_mask[2] && sf.has_value();
-  if (need_cf || need_sf) {
-    dispatch_kernel_size(kernel_size, [](auto) {});
-  }
   at::Tensor grad_x = need_x ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor grad_cf = need_cf ? at::empty_like(*cf) : at::empty({0}, x.options());
   at::Tensor grad_sf = need_sf ? at::empty_like(*sf) : at::empty({0}, x.options());
@@ -101,42 +106,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ddf_backward_cuda(
     const scalar_t* sf_ptr = data_or_null<scalar_t>(sf);
     const int64_t n_x = grad_x.numel();
     if (need_x && n_x > 0) {
-      auto* gx = grad_x.mutable_data_ptr<scalar_t>();
-      if (p.mul) {
-        ddf_backward_input_kernel<scalar_t, true><<<blocks_for(n_x), kThreads, 0, stream>>>(
-            go_ptr, cf_ptr, sf_ptr, gx, p, n_x);
-      } else {
-        ddf_backward_input_kernel<scalar_t, false><<<blocks_for(n_x), kThreads, 0, stream>>>(
-            go_ptr, cf_ptr, sf_ptr, gx, p, n_x);
-      }
+      dispatch_combine(p.mul, [&](auto mul) {
+        constexpr bool kMul = decltype(mul)::value;
+        ddf_backward_input_kernel<scalar_t, kMul><<<blocks_for(n_x), kThreads, 0, stream>>>(
+            go_ptr, cf_ptr, sf_ptr, grad_x.mutable_data_ptr<scalar_t>(), p, n_x);
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const int64_t n_sf = grad_sf.numel();
     if (need_sf && n_sf > 0) {
       auto* gsf = grad_sf.mutable_data_ptr<scalar_t>();
-      const int64_t n = p.batch * p.head * p.out_height * p.out_width;
-      dispatch_kernel_size(kernel_size, [&](auto K) {
-        if (p.mul) {
-          ddf_backward_spatial_kernel<scalar_t, true, K.value><<<blocks_for(n), kThreads, 0, stream>>>(
-              go_ptr, x_ptr, cf_ptr, gsf, p, n);
-        } else {
-          ddf_backward_spatial_kernel<scalar_t, false, K.value><<<blocks_for(n), kThreads, 0, stream>>>(
-              go_ptr, x_ptr, cf_ptr, gsf, p, n);
-        }
+      const int64_t pixels = p.batch * p.head * p.out_height * p.out_width;
+      dispatch_combine(p.mul, [&](auto mul) {
+        constexpr bool kMul = decltype(mul)::value;
+        dispatch_kernel_size(
+            kernel_size,
+            [&](auto k) {
+              ddf_backward_spatial_kernel<scalar_t, kMul, k.value><<<blocks_for(pixels), kThreads, 0, stream>>>(
+                  go_ptr, x_ptr, cf_ptr, gsf, p, pixels);
+            },
+            [&] {
+              ddf_backward_spatial_tap_kernel<scalar_t, kMul><<<blocks_for(n_sf), kThreads, 0, stream>>>(
+                  go_ptr, x_ptr, cf_ptr, gsf, p, n_sf);
+            });
       });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    const int64_t planes = p.batch * p.channels;
-    if (need_cf && planes > 0) {
+    const int64_t n_cf = grad_cf.numel();
+    if (need_cf && n_cf > 0) {
       auto* gcf = grad_cf.mutable_data_ptr<scalar_t>();
-      dispatch_kernel_size(kernel_size, [&](auto K) {
-        if (p.mul) {
-          ddf_backward_channel_kernel<scalar_t, true, K.value><<<planes, kThreads, 0, stream>>>(
-              go_ptr, x_ptr, sf_ptr, gcf, p);
-        } else {
-          ddf_backward_channel_kernel<scalar_t, false, K.value><<<planes, kThreads, 0, stream>>>(
-              go_ptr, x_ptr, sf_ptr, gcf, p);
-        }
+      const int64_t planes = p.batch * p.channels;
+      dispatch_combine(p.mul, [&](auto mul) {
+        constexpr bool kMul = decltype(mul)::value;
+        dispatch_kernel_size(
+            kernel_size,
+            [&](auto k) {
+              ddf_backward_channel_kernel<scalar_t, kMul, k.value><<<planes, kThreads, 0, stream>>>(
+                  go_ptr, x_ptr, sf_ptr, gcf, p);
+            },
+            [&] {
+              // one warp per element of grad_cf
+              ddf_backward_channel_tap_kernel<scalar_t, kMul><<<blocks_for(n_cf * 32), kThreads, 0, stream>>>(
+                  go_ptr, x_ptr, sf_ptr, gcf, p, n_cf);
+            });
       });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

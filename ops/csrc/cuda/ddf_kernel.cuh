@@ -1,9 +1,10 @@
 // CUDA kernel bodies of dynconv::ddf_*. All tensors are contiguous NCHW; acc_t is float for half types.
 //
-// Thread mapping: forward and grad_x use one thread per output / input element (gathers, no atomics); grad of the
-// spatial filter one thread per (sample, head, output pixel) summing over the head's channels; grad of the channel
-// filter one block per (sample, channel) summing over pixels with a block reduction. The filter-gradient kernels keep
-// k * k accumulators in registers, so k is a template parameter there.
+// Thread mapping: forward and grad_x use one thread per output / input element (gathers, no atomics), for any k.
+// The filter gradients have two forms. Specialised (k a template parameter, k * k accumulators in registers): grad of
+// the spatial filter one thread per (sample, head, output pixel) summing over the head's channels, grad of the channel
+// filter one block per (sample, channel) summing over pixels with a block reduction. Per tap (any k): one thread per
+// element of grad_sf, and one warp per element (sample, channel, tap) of grad_cf.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -132,6 +133,32 @@ __global__ void ddf_backward_spatial_kernel(const scalar_t* __restrict__ go, con
   }
 }
 
+// grad_sf[b, g, t, i, j] for any k: one thread per element, so no per-thread arrays of k * k accumulators.
+template <typename scalar_t, bool kMul>
+__global__ void ddf_backward_spatial_tap_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
+                                                const scalar_t* __restrict__ cf, scalar_t* __restrict__ gsf,
+                                                const DDFSizes p, const int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t k = p.kernel_size, kk = k * k, oh = p.out_height, ow = p.out_width, hw_out = oh * ow;
+  const int64_t hw = p.height * p.width;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
+       idx += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t pix = idx % hw_out, t = idx / hw_out % kk, bg = idx / (hw_out * kk);
+    const int64_t j = pix % ow, i = pix / ow, g = bg % p.head, b = bg / p.head;
+    const int64_t y = i * p.stride - p.pad + t / k * p.dilation;
+    const int64_t xx = j * p.stride - p.pad + t % k * p.dilation;
+    acc_t acc = 0;
+    if (y >= 0 && y < p.height && xx >= 0 && xx < p.width) {
+      for (int64_t c = g * p.group_channels; c < (g + 1) * p.group_channels; ++c) {
+        const int64_t plane = b * p.channels + c;
+        const acc_t w = (kMul && cf != nullptr) ? static_cast<acc_t>(cf[plane * kk + t]) : acc_t(1);
+        acc += static_cast<acc_t>(go[plane * hw_out + pix]) * static_cast<acc_t>(x[plane * hw + y * p.width + xx]) * w;
+      }
+    }
+    gsf[idx] = static_cast<scalar_t>(acc);
+  }
+}
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 #pragma unroll
@@ -191,6 +218,38 @@ __global__ void ddf_backward_channel_kernel(const scalar_t* __restrict__ go, con
       sum += partial[w][t];
     }
     gcf[plane * KK + t] = static_cast<scalar_t>(sum);
+  }
+}
+
+// grad_cf[b, c, t] for any k: one warp per element (b, c, t) summing over the output pixels; n = B * C * k * k.
+template <typename scalar_t, bool kMul>
+__global__ void ddf_backward_channel_tap_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
+                                                const scalar_t* __restrict__ sf, scalar_t* __restrict__ gcf,
+                                                const DDFSizes p, const int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t k = p.kernel_size, kk = k * k, oh = p.out_height, ow = p.out_width, hw_out = oh * ow;
+  const int lane = threadIdx.x % 32;
+  // the item is the same for the 32 lanes of a warp, so they leave the loop together
+  for (int64_t item = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; item < n;
+       item += int64_t(blockDim.x) / 32 * gridDim.x) {
+    const int64_t t = item % kk, plane = item / kk, c = plane % p.channels, b = plane / p.channels;
+    const int64_t g = c / p.group_channels, u = t / k, v = t % k;
+    const scalar_t* xp = x + plane * p.height * p.width;
+    const scalar_t* gop = go + plane * hw_out;
+    const scalar_t* sft = sf != nullptr ? sf + ((b * p.head + g) * kk + t) * hw_out : nullptr;
+    acc_t acc = 0;
+    for (int64_t pix = lane; pix < hw_out; pix += 32) {
+      const int64_t j = pix % ow, i = pix / ow;
+      const int64_t y = i * p.stride - p.pad + u * p.dilation, xx = j * p.stride - p.pad + v * p.dilation;
+      if (y >= 0 && y < p.height && xx >= 0 && xx < p.width) {
+        const acc_t w = (kMul && sft != nullptr) ? static_cast<acc_t>(sft[pix]) : acc_t(1);
+        acc += static_cast<acc_t>(gop[pix]) * static_cast<acc_t>(xp[y * p.width + xx]) * w;
+      }
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      gcf[item] = static_cast<scalar_t>(acc);
+    }
   }
 }
 
