@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the project measures on a GPU, in one command (a lent GPU machine allows one 10-minute call at a time):
-# build ops/ in place, report the built backends, run the CUDA tests, then the op, ODConv and model benchmarks.
+# build ops/ in place, report the built backends, run the CUDA tests (tests/test_cuda_emulated.py's kernel checks
+# on the real kernels too), then the op, ODConv and model benchmarks.
 # Each step has its own time limit and log; a failed step is reported and the next one still runs.
 #
 # Environment: PYTHON (default python3), OUT (results folder, default gpu_results), DEVICE (default cuda), BATCH
@@ -37,6 +38,8 @@ step backends 60 backends.txt "$PYTHON" -m ops
 if "$PYTHON" -c 'import pytest' 2> /dev/null; then
     step cuda-tests 240 cuda_tests.log "$PYTHON" -m pytest -q -rs -k cuda tests/test_ops.py tests/test_ddf.py \
         tests/test_odconv.py
+    # the kernel checks the CI runs on the emulated kernels (k 1..13, dilation up to 8, four dtypes), on the GPU
+    step cuda-kernels 240 cuda_kernels.log "$PYTHON" -m pytest -q -rs -k '[cuda' tests/test_cuda_emulated.py
 else
     echo "cuda-tests: skipped (no pytest for $PYTHON)" | tee -a "$OUT/summary.txt"
 fi

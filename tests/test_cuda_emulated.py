@@ -5,7 +5,7 @@ plus the worst-case error of the sum in the accumulation type), and a random ord
 emulation itself: warp collectives against their CUDA definitions, and misuse that must raise.
 
 With a GPU the same kernel checks also run on the real CUDA kernels (backend 'cuda'). The first run builds the
-emulated kernels into build/cuda_emu (about 30 s on 2 cores); later runs reuse the build.
+emulated kernels into build/cuda_emu (about 20 s on 2 cores); later runs reuse the build.
 """
 import itertools
 from typing import NamedTuple
