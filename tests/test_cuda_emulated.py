@@ -8,7 +8,7 @@ With a GPU the same kernel checks also run on the real CUDA kernels (backend 'cu
 emulated kernels into build/cuda_emu (about 20 s on 2 cores); later runs reuse the build.
 """
 import itertools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import pytest
 import torch
@@ -24,8 +24,8 @@ SEED = '20240917'
 
 
 class Kernels(NamedTuple):
-    forward: object
-    backward: object
+    forward: Callable
+    backward: Callable
     device: str
 
 

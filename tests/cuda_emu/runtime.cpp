@@ -115,7 +115,7 @@ std::vector<char*>& stacks(std::size_t count) {
 cudaError_t last_error = cudaSuccess;
 
 class Grid;
-Grid* active = nullptr;  // the running launch (launches are serialised)
+thread_local Grid* active = nullptr;  // the launch running on this OS thread (launches are serialised)
 void thread_main();
 
 class Grid {
@@ -461,9 +461,9 @@ void* shared_alloc(int id, std::size_t size, std::size_t align, Site site) {
 }
 
 void run_grid(dim3 grid, dim3 block, std::size_t dynamic_shared, void (*body)(void*), void* call, Site site) {
-  static std::mutex one_launch_at_a_time;
-  const std::lock_guard<std::mutex> lock(one_launch_at_a_time);
   TORCH_CHECK(active == nullptr, "cuda_emu: kernel launched from a kernel at ", where(site));
+  static std::mutex one_launch_at_a_time;  // the launches share detail::thread_idx and friends
+  const std::lock_guard<std::mutex> lock(one_launch_at_a_time);
   TORCH_CHECK(dynamic_shared == 0, "cuda_emu: dynamic shared memory is not emulated (launch at ", where(site), ")");
   if (!valid_launch(grid, block)) {
     last_error = cudaErrorInvalidConfiguration;
