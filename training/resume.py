@@ -31,8 +31,10 @@ __all__ = ['CHECKPOINT_EXT', 'ExactResume', 'TrainCheckpointSaver', 'find_auto_r
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_EXT = '.pth.tar'
-# What a checkpoint needs to be resumed (timm's CheckpointSaver layout, this project's train.py included).
-_TRAINING_KEYS = ('state_dict', 'optimizer', 'epoch')
+# What a checkpoint needs to be resumed: timm's CheckpointSaver layout (this project's train.py, ddfnet's timm-era
+# train.py). Other scripts' files (ODConv's and torchvision's main.py, Swin's) differ in optimizer parameter groups,
+# scheduler state and epoch meaning: their weights start a run through --initial-checkpoint/--pretrained-path.
+_TRAINING_KEYS = ('state_dict', 'optimizer', 'epoch', 'version')
 
 
 class TrainCheckpointSaver(utils.CheckpointSaver):
@@ -125,7 +127,7 @@ class ExactResume:
         missing = [k for k in _TRAINING_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
         if missing:
             raise UsageError(
-                f"cannot resume from '{path}': it is not a training checkpoint of train.py (no "
+                f"cannot resume from '{path}': it is not a training checkpoint of train.py or timm (no "
                 f"{', '.join(repr(k) for k in missing)}); start from its weights with --initial-checkpoint or "
                 '--pretrained-path')
         return cls(args, checkpoint, path)
