@@ -405,10 +405,7 @@ def _check_args(args):
         except ImportError:
             raise UsageError('--apex-amp needs NVIDIA apex, which is not installed; use --amp (native torch.amp) '
                              'instead') from None
-    if args.device is None:
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    elif args.device.startswith('cuda') and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device} asked but CUDA is not available; use --device cpu")
+    args.device = str(cli.resolve_device(args.device))
     if args.sync_bn and not args.device.startswith('cuda'):
         raise UsageError('--sync-bn needs CUDA devices; use --dist-bn reduce on CPU')
     if args.batch_size < 1 or args.grad_accum_steps < 1:

@@ -236,16 +236,6 @@ def _apply_run_args(args: argparse.Namespace, saved: Dict[str, Any], source: str
         _logger.warning(f'The command line overrides {source}: {"; ".join(conflicts)}.')
 
 
-def _resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f'--device {name}: {e}') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UsageError(f'--device {name}: CUDA is not available on this machine; use --device cpu')
-    return device
-
-
 def _amp_context(args: argparse.Namespace, device: torch.device):
     if not args.amp:
         return nullcontext
@@ -287,7 +277,7 @@ def validate_one(args: argparse.Namespace) -> Dict[str, Any]:
         UsageError, CheckpointError: bad input (unknown model, unusable dataset or checkpoint), one-line message.
     """
     args = copy.copy(args)
-    device = _resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     checkpoint = None
     if args.checkpoint:
         args.checkpoint = _checkpoint_file(args.checkpoint)

@@ -73,6 +73,16 @@ def test_usage_errors_become_one_line_and_status_2(capsys):
         cli.create_model('test_resnet', layerz=2)
 
 
+def test_device_checks():
+    assert cli.resolve_device('cpu') == torch.device('cpu')
+    assert cli.resolve_device(None) == torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    with pytest.raises(cli.UsageError, match='--device gpu0: '):
+        cli.resolve_device('gpu0')
+    if not torch.cuda.is_available():
+        with pytest.raises(cli.UsageError, match='--device cuda: CUDA is not available on this machine; use --device'):
+            cli.resolve_device('cuda')
+
+
 def test_amp_dtype_falls_back_to_bfloat16_on_cpu(caplog):
     assert cli.resolve_amp_dtype('float16', torch.device('cpu'), doing='validating') == torch.bfloat16
     assert 'float16 AMP is not offered on CPU; validating with bfloat16 autocast instead' in caplog.text

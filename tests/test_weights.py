@@ -16,7 +16,6 @@ import pytest
 import timm
 import torch
 
-import train
 import validate
 from tests.conftest import TINY_NUM_CLASSES
 from tests.test_checkpoints import FORMATS, build_release
@@ -56,16 +55,6 @@ def _expected_loss(ranking=RANKING):
 
 def _param_names():
     return [k for k, _ in timm.create_model(MODEL, num_classes=TINY_NUM_CLASSES).named_parameters()]
-
-
-@pytest.fixture
-def in_process(monkeypatch):
-    """train.main in this process on one thread, timm's root-logger setup left out (pytest captures the logs)."""
-    monkeypatch.setattr(train.utils, 'setup_default_logging', lambda *a, **k: None)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield train.main
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')

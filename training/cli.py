@@ -1,7 +1,8 @@
 """Command-line pieces shared by train.py, validate.py and the scripts.
 
 Bad user input raises `UsageError` (or the loader's `CheckpointError`) wherever it is found; each entry point turns
-it into one `<prog>: error: <message>` line and exit status 2 (`usage_errors` + `exit_status`), never a traceback.
+it into one `<prog>: error: <message>` line and exit status 2, never a traceback: train.py and validate.py with
+`usage_errors` + `exit_status`, the scripts by handing the message to their parser's `error`.
 """
 import difflib
 import logging
@@ -18,8 +19,8 @@ from timm.data.readers.img_extensions import get_img_extensions
 from models._helpers import CheckpointError
 
 __all__ = [
-    'UsageError', 'UsageExit', 'usage_errors', 'exit_status', 'check_model_name', 'create_model', 'resolve_amp_dtype',
-    'check_dataset_root', 'create_image_split',
+    'UsageError', 'UsageExit', 'usage_errors', 'exit_status', 'check_model_name', 'create_model', 'resolve_device',
+    'resolve_amp_dtype', 'check_dataset_root', 'create_image_split',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -68,6 +69,17 @@ def create_model(name: str, **kwargs) -> torch.nn.Module:
     except (TypeError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"model '{name}' rejected its arguments {kwargs}: {reason}") from None
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """`--device`: the named device (default: cuda when available, else cpu), which must exist here."""
+    try:
+        device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError as e:
+        raise UsageError(f'--device {name}: {str(e).splitlines()[0]}') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f'--device {name}: CUDA is not available on this machine; use --device cpu')
+    return device
 
 
 def resolve_amp_dtype(name: str, device: torch.device, doing: str = 'training') -> torch.dtype:
