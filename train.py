@@ -6,20 +6,24 @@ The loop follows timm's ``legacy_train.py`` (explicit epoch loop) and calls timm
 ``create_scheduler_v2``, ``ModelEmaV3``, ``CheckpointSaver``, ``distribute_bn``, ``NativeScaler``. Flags keep timm's
 names; ``--config file.yaml`` sets defaults by dest name (CLI > YAML > code defaults) and unknown keys are errors.
 
-Additions over timm's script:
-    * exact resume (``--resume PATH`` or ``--auto-resume``): checkpoints also hold the LR scheduler, the RNG states of
-      every rank, the model's training-hook state and, for recovery checkpoints, the step inside the epoch. From a
-      mid-epoch recovery checkpoint the epoch's sample order is replayed and the done updates skipped; that is exact
-      when the main process draws no random numbers for the data it skips (augmentation in workers, ``-j`` > 0, and
-      no ``--reprob``) or the model draws none (no dropout/drop-path);
-    * generic model hooks, duck-typed on the unwrapped model: ``set_training_progress(epochs)`` before each step,
-      ``auxiliary_loss()`` added to the loss, ``training_hook_state()``/``load_training_hook_state()`` saved under
-      ``'training_hooks'``, ``training_hook_log()`` logged each epoch;
-    * up-front checks of user input that end with one line and a non-zero exit, a NaN/inf loss stop that names the
-      step and lr, an ETA in the step lines, TensorBoard scalars (``--log-tb``) and a PNG of the loss/top-1 curves.
+Additions over timm's script, each in its own module of ``training/``:
+    * exact resume (``--resume PATH`` or ``--auto-resume``; ``training/resume.py``): checkpoints also hold the LR
+      scheduler, the RNG states of every rank, the model's training-hook state and, for recovery checkpoints, the
+      step inside the epoch, so a resumed run repeats the uninterrupted one;
+    * the training-hook protocol (``training/hooks.py``): a model that implements ``set_training_progress``,
+      ``auxiliary_loss``, ``training_hook_state``/``load_training_hook_state`` and ``training_hook_log`` takes part
+      in the loop (ODConv's temperature annealing, DGConv's group regularizer);
+    * every weight file (``--initial-checkpoint``, ``--pretrained-path``, ``--pretrained``, ``--resume``) is read by
+      the project's weights-only loader (``models/_helpers.py``), which takes the original releases' formats; the
+      plain weights of a file unless ``--use-ema``. ``--pretrained``/``--pretrained-path`` adapt a differing
+      classifier; everything else must fit;
+    * up-front checks of user input that end with one line and exit status 2 (``training/cli.py``), a NaN/inf loss
+      stop that names the step and lr, an ETA in the step lines, TensorBoard scalars (``--log-tb``) and a PNG of the
+      loss/top-1 curves.
 
 AMP: ``--amp`` uses ``torch.autocast``; float16 gets timm's ``NativeScaler``. float16 is not offered on CPU: a CPU run
-asking for it falls back to bfloat16 autocast with a warning.
+asking for it falls back to bfloat16 autocast with a warning. ``--torchcompile [BACKEND]`` compiles the model (and its
+EMA copy) after the DDP wrap; checkpoints keep the plain state_dict keys.
 
 Example:
     python train.py --config configs/demo.yaml --data-dir data/demo --output output/train --experiment demo
@@ -30,12 +34,9 @@ import argparse
 import csv
 import datetime
 import difflib
-import hashlib
 import json
 import logging
 import os
-import pickle
-import random
 import re
 import sys
 import time
@@ -43,26 +44,28 @@ from collections import OrderedDict
 from contextlib import suppress
 from functools import partial
 
-import numpy as np
 import torch
 import torch.nn as nn
 import yaml
 from torch.nn.parallel import DistributedDataParallel as NativeDDP
 
 from timm import utils
-from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader, resolve_data_config
+from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
 from timm.layers import convert_sync_batchnorm
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import (
-    create_model, is_model, list_models, load_checkpoint, model_parameters, resume_checkpoint, safe_model_name)
+from timm.models import model_parameters, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 import models  # noqa: F401  (registers the project's models with timm)
+from models._helpers import CheckpointError, load_weights, pretrained_file
+from training import cli
+from training.cli import UsageError
+from training.distributed import all_gather, bn_running_mean_sum, state_fingerprint
+from training.hooks import ModelHooks
+from training.resume import CHECKPOINT_EXT, ExactResume, TrainCheckpointSaver, find_auto_resume
 
 _logger = logging.getLogger('train')
-
-CHECKPOINT_EXT = '.pth.tar'
 
 # The first parser only knows --config; the YAML it names becomes the defaults of the main parser (timm's scheme).
 config_parser = argparse.ArgumentParser(description='Training Config', add_help=False)
@@ -100,6 +103,9 @@ def _create_parser():
                        help='Load this checkpoint as if it were the pretrained weights (head adapted to --num-classes)')
     group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
                        help='Load this checkpoint into model after initialization (default: none)')
+    group.add_argument('--use-ema', action='store_true', default=False,
+                       help='take the EMA weights of --initial-checkpoint/--pretrained-path/--pretrained files (an '
+                            'error if they have none); default: their plain weights')
     group.add_argument('--resume', default='', type=str, metavar='PATH',
                        help='Resume model, optimizer, scheduler, EMA, RNG and hook state from checkpoint')
     group.add_argument('--auto-resume', action='store_true', default=False,
@@ -138,6 +144,8 @@ def _create_parser():
                        help='extra model constructor kwargs as key=value (YAML: a mapping)')
     group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                        help='Enable compilation w/ specified backend (default: inductor).')
+    group.add_argument('--torchcompile-mode', type=str, default=None,
+                       help="torch.compile mode (default: None, torch's default)")
 
     # Device & distributed
     group = parser.add_argument_group('Device parameters')
@@ -326,11 +334,6 @@ def _create_parser():
     return parser
 
 
-def _fail(message):
-    """Ends the program with one line on stderr and exit status 1."""
-    raise SystemExit(f'train.py: error: {message}')
-
-
 def _option_dests(parser):
     return sorted(a.dest for a in parser._actions if a.dest != 'help')
 
@@ -338,7 +341,7 @@ def _option_dests(parser):
 def _load_config(path, dests):
     """Reads a YAML config whose keys must be in `dests`; every problem is reported as one line."""
     if not os.path.isfile(path):
-        _fail(f"config file '{path}' not found")
+        raise UsageError(f"config file '{path}' not found")
     try:
         with open(path) as f:
             cfg = yaml.safe_load(f)
@@ -346,16 +349,17 @@ def _load_config(path, dests):
         mark = getattr(e, 'problem_mark', None)
         where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
         problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
-        _fail(f"config file '{path}' is not valid YAML: {problem}{where}")
+        raise UsageError(f"config file '{path}' is not valid YAML: {problem}{where}") from None
     if cfg is None:
         return {}
     if not isinstance(cfg, dict):
-        _fail(f"config file '{path}' must be a mapping of option names to values, not a {type(cfg).__name__}")
+        raise UsageError(f"config file '{path}' must be a mapping of option names to values, not a "
+                         f"{type(cfg).__name__}")
     for key in cfg:
         if key not in dests:
             close = difflib.get_close_matches(str(key), dests, n=1)
             hint = f"did you mean '{close[0]}'?" if close else "keys are option dest names such as 'lr_base'"
-            _fail(f"unknown key '{key}' in config file '{path}'; {hint}")
+            raise UsageError(f"unknown key '{key}' in config file '{path}'; {hint}")
     return cfg
 
 
@@ -365,7 +369,8 @@ def _parse_args(argv=None):
     parser = _create_parser()
     dests = [d for d in _option_dests(parser) if d != 'config']
     if args_config.config:
-        parser.set_defaults(**_load_config(args_config.config, dests))
+        with cli.usage_errors('train.py'):
+            parser.set_defaults(**_load_config(args_config.config, dests))
     args = parser.parse_args(remaining)
     args.config = args_config.config
     return args
@@ -388,91 +393,48 @@ def _check_args(args):
     """Cheap checks of user input, done before any process group, model or file is created."""
     args.data_dir = args.data_dir or args.data
     if not args.data_dir:
-        _fail('no dataset given; pass --data-dir DIR (an ImageFolder root with train/ and val/ class folders)')
-    if not args.dataset and not os.path.exists(args.data_dir):
-        _fail(f"data folder '{args.data_dir}' does not exist; pass --data-dir pointing to an ImageFolder root "
-              f"with train/ and val/ class folders")
-    if not is_model(args.model):
-        close = difflib.get_close_matches(args.model, list_models(), n=3, cutoff=0.6)
-        hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else 'see timm.list_models()'
-        _fail(f"unknown model '{args.model}'; {hint}")
+        raise UsageError('no dataset given; pass --data-dir DIR (an ImageFolder root with train/ and val/ class '
+                         'folders)')
+    cli.check_dataset_root(args.dataset, args.data_dir)
+    cli.check_model_name(args.model)
     if args.amp and args.apex_amp:
-        _fail('--amp and --apex-amp are exclusive; pick one (--amp uses native torch.amp)')
+        raise UsageError('--amp and --apex-amp are exclusive; pick one (--amp uses native torch.amp)')
     if args.apex_amp:
         try:
             import apex  # noqa: F401
         except ImportError:
-            _fail('--apex-amp needs NVIDIA apex, which is not installed; use --amp (native torch.amp) instead')
-    if args.device is None:
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    elif args.device.startswith('cuda') and not torch.cuda.is_available():
-        _fail(f"--device {args.device} asked but CUDA is not available; use --device cpu")
+            raise UsageError('--apex-amp needs NVIDIA apex, which is not installed; use --amp (native torch.amp) '
+                             'instead') from None
+    args.device = str(cli.resolve_device(args.device))
     if args.sync_bn and not args.device.startswith('cuda'):
-        _fail('--sync-bn needs CUDA devices; use --dist-bn reduce on CPU')
+        raise UsageError('--sync-bn needs CUDA devices; use --dist-bn reduce on CPU')
     if args.batch_size < 1 or args.grad_accum_steps < 1:
-        _fail('--batch-size and --grad-accum-steps must be at least 1')
-    if args.resume and not os.path.isfile(args.resume):
-        _fail(f"--resume checkpoint '{args.resume}' not found")
+        raise UsageError('--batch-size and --grad-accum-steps must be at least 1')
+    for flag in ('resume', 'initial_checkpoint', 'pretrained_path'):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            raise UsageError(f"--{flag.replace('_', '-')} checkpoint '{path}' not found")
     output = args.output or './output/train'
     if not _writable_folder(output):
-        _fail(f"output folder '{output}' is not writable; pass --output with a folder you can write to")
-
-
-def _check_image_folder(split_dir, split):
-    """One-line errors for an ImageFolder split without class folders; returns the class folder names."""
-    entries = list(os.scandir(split_dir))
-    classes = sorted(e.name for e in entries if e.is_dir())
-    if not classes:
-        _fail(f"'{split_dir}' has no class subfolders; the {split} split must look like {split_dir}/<class>/<image>")
-    loose = [e.name for e in entries if e.is_file() and not e.name.startswith('.')]
-    if loose:
-        _fail(f"'{split_dir}' holds files outside class subfolders (e.g. '{loose[0]}'); move them into "
-              f"{split_dir}/<class>/")
-    return classes
-
-
-def _create_split(args, split, is_training, input_img_mode):
-    """Creates one split with timm's create_dataset; ImageFolder splits are checked for a sane layout first."""
-    try:
-        dataset = create_dataset(
-            args.dataset,
-            root=args.data_dir,
-            split=split,
-            is_training=is_training,
-            class_map=args.class_map,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            input_img_mode=input_img_mode,
-        )
-    except RuntimeError as e:  # timm's folder reader raises this for a folder without images
-        _fail(f'cannot read the {split} split of {args.data_dir}: {str(e).splitlines()[0]}')
-    reader = getattr(dataset, 'reader', None)
-    class_to_idx = getattr(reader, 'class_to_idx', None)
-    if class_to_idx is None:
-        return dataset
-    # timm falls back to the dataset root when no split folder exists, which would train on train/ and val/ as classes
-    if os.path.abspath(reader.root) == os.path.abspath(args.data_dir) and os.path.isdir(args.data_dir):
-        hint = f"add {args.data_dir}/{split}/" + ("" if is_training else " or pass --val-split '' to skip evaluation")
-        _fail(f"no '{split}' folder in '{args.data_dir}'; {hint}")
-    classes = _check_image_folder(reader.root, split)
-    empty = [c for c in classes if c not in class_to_idx]
-    if empty:
-        _fail(f"class folder '{os.path.join(reader.root, empty[0])}' has no images ({len(empty)} empty of "
-              f"{len(classes)}); add images or remove the folder")
-    return dataset
+        raise UsageError(f"output folder '{output}' is not writable; pass --output with a folder you can write to")
 
 
 def _create_datasets(args, input_img_mode):
-    dataset_train = _create_split(args, args.train_split, True, input_img_mode)
+    """The train and eval splits (timm's create_dataset; ImageFolder layouts checked) with the same classes."""
+    common = dict(class_map=args.class_map, batch_size=args.batch_size, seed=args.seed, input_img_mode=input_img_mode)
+    dataset_train = cli.create_image_split(
+        args.dataset, args.data_dir, args.train_split, split_required=True, is_training=True, **common)
     dataset_eval = None
     if args.val_split:
-        dataset_eval = _create_split(args, args.val_split, False, input_img_mode)
+        dataset_eval = cli.create_image_split(
+            args.dataset, args.data_dir, args.val_split, split_required=True,
+            missing_split_hint=" or pass --val-split '' to skip evaluation", **common)
         train_map = getattr(getattr(dataset_train, 'reader', None), 'class_to_idx', None)
         eval_map = getattr(getattr(dataset_eval, 'reader', None), 'class_to_idx', None)
         if train_map is not None and eval_map is not None and train_map != eval_map:
             missing = sorted(set(train_map) ^ set(eval_map))
-            _fail(f"train and {args.val_split} splits have different classes (e.g. '{missing[0]}'); "
-                  f"both need the same class folders")
+            raise UsageError(f"train and {args.val_split} splits have different classes (e.g. '{missing[0]}'); "
+                             f"both need the same class folders")
     return dataset_train, dataset_eval
 
 
@@ -507,102 +469,9 @@ class SkippedImageCounter(logging.Filter):
         self.seen.zero_()
         return indices
 
-
-class TrainCheckpointSaver(utils.CheckpointSaver):
-    """timm's CheckpointSaver (atomic tmp + os.replace writes, last/best/top-k) plus the state for an exact resume.
-
-    The extra keys go through the ``task`` hook of ``CheckpointSaver._save``, which merges a provider's
-    ``get_checkpoint_state()`` into the saved dict; this saver is its own provider.
-
-    Args:
-        extra_state_fn: Returns the extra entries (scheduler, step, RNG states, training hooks) at save time.
-    """
-
-    def __init__(self, *, extra_state_fn, **kwargs):
-        super().__init__(task=self, **kwargs)
-        self.extra_state_fn = extra_state_fn
-
-    def get_checkpoint_state(self, ema=False, unwrap_fn=utils.unwrap_model):
-        if ema:
-            return {} if self.model_ema is None else {'state_dict_ema': utils.get_state_dict(self.model_ema, unwrap_fn)}
-        return {'state_dict': utils.get_state_dict(self.model, unwrap_fn), **self.extra_state_fn()}
-
-
-def _rng_state():
-    """The RNG states of this process (torch, CUDA, numpy, python) as weights_only-loadable values."""
-    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    state = {
-        'torch': torch.get_rng_state(),
-        'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos), 'has_gauss': int(has_gauss),
-                  'cached_gaussian': float(cached_gaussian)},
-        'python': random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    n = state['numpy']
-    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
-                         n['cached_gaussian']))
-    version, internal, gauss = state['python']
-    random.setstate((version, tuple(internal), gauss))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state['cuda'])
-
-
-def _all_gather(args, obj):
-    """Every rank's `obj`, in rank order (a one-element list when not distributed)."""
-    if not args.distributed:
-        return [obj]
-    out = [None] * args.world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def state_fingerprint(state_dict):
-    """SHA-1 over the names and bytes of every tensor of a state_dict, to compare models across processes."""
-    h = hashlib.sha1()
-    for k, v in state_dict.items():
-        h.update(k.encode())
-        if torch.is_tensor(v):
-            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def bn_running_mean_sum(model):
-    """Sum of all BatchNorm running means: one number to follow how --dist-bn changed them."""
-    return float(sum(
-        b.double().sum() for n, b in utils.unwrap_model(model).named_buffers() if n.endswith('running_mean')))
-
-
-def find_auto_resume(run_dir):
-    """The newest checkpoint a run left in its folder (last.pth.tar or a recovery file), or '' if none."""
-    if not os.path.isdir(run_dir):
-        return ''
-    names = [n for n in os.listdir(run_dir) if n.endswith(CHECKPOINT_EXT) and (
-        n == 'last' + CHECKPOINT_EXT or n.startswith('recovery-'))]
-    paths = [os.path.join(run_dir, n) for n in names]
-    return max(paths, key=os.path.getmtime) if paths else ''
-
-
-def _load_resume_state(path):
-    """The full checkpoint dict (weights_only, memory mapped) for the entries timm's resume_checkpoint skips."""
-    checkpoint = utils.load_checkpoint_metadata(path)
-    if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
-        _fail(f"'{path}' is not a training checkpoint of train.py (no 'state_dict'); use --pretrained-path or "
-              f"--initial-checkpoint for weights only")
-    return checkpoint
-
-
-def _hook_models(model, model_ema):
-    """The modules whose training hooks are called: the model and its EMA copy (hooks may hold non-tensor state)."""
-    out = [utils.unwrap_model(model)]
-    if model_ema is not None:
-        out.append(model_ema.module)
-    return out
+    def count_all_ranks(self, args):
+        """How many distinct images every rank skipped since the last call (collective)."""
+        return len(set().union(*all_gather(args, self.take())))
 
 
 def _format_eta(seconds):
@@ -646,7 +515,8 @@ class NonFiniteLoss(Exception):
 def main(argv=None):
     utils.setup_default_logging()
     args = _parse_args(argv)
-    _check_args(args)
+    with cli.usage_errors('train.py'):
+        _check_args(args)
 
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -665,7 +535,8 @@ def main(argv=None):
     dataset_logger = logging.getLogger('timm.data.dataset')
     dataset_logger.addFilter(skipped_counter)
     try:
-        _train(args, device, skipped_counter)
+        with cli.usage_errors('train.py'):
+            _train(args, device, skipped_counter)
     except NonFiniteLoss as e:
         if args.distributed:
             torch.distributed.destroy_process_group()
@@ -674,72 +545,34 @@ def main(argv=None):
         dataset_logger.removeFilter(skipped_counter)
 
 
-def _train(args, device, skipped_counter):
-    primary = utils.is_primary(args)
-
-    amp_dtype = None
-    if args.amp:
-        amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-        if amp_dtype == torch.float16 and device.type == 'cpu':
-            _logger.warning('float16 AMP is not offered on CPU; training with bfloat16 autocast instead '
-                            '(pass --amp-dtype bfloat16 to silence this).')
-            amp_dtype = torch.bfloat16
-            args.amp_dtype = 'bfloat16'
-
-    utils.random_seed(args.seed, args.rank)
-
-    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
-    dataset_train, dataset_eval = _create_datasets(args, 'RGB' if in_chans == 3 else 'L')
-    skipped_counter.reset(max(len(dataset_train), len(dataset_eval) if dataset_eval is not None else 0))
-    train_classes = getattr(getattr(dataset_train, 'reader', None), 'class_to_idx', None)
-    if args.num_classes is None and train_classes is not None:
-        args.num_classes = len(train_classes)
-    elif train_classes is not None and args.num_classes < len(train_classes):
-        _fail(f'--num-classes {args.num_classes} is less than the {len(train_classes)} class folders of the '
-              f'train split; raise it or leave it unset')
-
-    factory_kwargs = {}
-    if args.pretrained_path:
-        # the file replaces the pretrained source; num_classes=-1 lets timm adapt the classifier
-        factory_kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
+def _create_model(args, in_chans):
+    """timm's create_model; then --pretrained or --pretrained-path, then --initial-checkpoint, through our loader."""
+    model = cli.create_model(
+        args.model,
+        in_chans=in_chans,
+        num_classes=args.num_classes,
+        drop_rate=args.drop,
+        drop_path_rate=args.drop_path,
+        drop_block_rate=args.drop_block,
+        global_pool=args.gp,
+        bn_momentum=args.bn_momentum,
+        bn_eps=args.bn_eps,
+        **args.model_kwargs,
+    )
+    flag = '--pretrained-path' if args.pretrained_path else '--pretrained'
     try:
-        model = create_model(
-            args.model,
-            pretrained=args.pretrained or bool(args.pretrained_path),
-            in_chans=in_chans,
-            num_classes=args.num_classes,
-            drop_rate=args.drop,
-            drop_path_rate=args.drop_path,
-            drop_block_rate=args.drop_block,
-            global_pool=args.gp,
-            bn_momentum=args.bn_momentum,
-            bn_eps=args.bn_eps,
-            checkpoint_path=args.initial_checkpoint or None,
-            **factory_kwargs,
-            **args.model_kwargs,
-        )
-    except (TypeError, ValueError, RuntimeError, FileNotFoundError) as e:
-        _fail(f"cannot create model '{args.model}' with model_kwargs {args.model_kwargs}: "
-              f"{str(e).strip().splitlines()[0]}")
-    if args.num_classes is None:
-        args.num_classes = model.num_classes
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(enable=True)
-    if primary:
-        _logger.info(f'Model {safe_model_name(args.model)} created, param count: '
-                     f'{sum(m.numel() for m in model.parameters())}')
+        if args.pretrained or args.pretrained_path:
+            load_weights(model, args.pretrained_path or pretrained_file(model), use_ema=args.use_ema, adapt=True)
+        if args.initial_checkpoint:
+            flag = '--initial-checkpoint'
+            load_weights(model, args.initial_checkpoint, use_ema=args.use_ema)
+    except CheckpointError as e:
+        raise UsageError(f'{flag}: {e}') from None
+    return model
 
-    data_config = resolve_data_config(vars(args), model=model, verbose=primary)
 
-    model.to(device=device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if args.distributed and args.sync_bn:
-        args.dist_bn = ''  # SyncBatchNorm keeps the statistics identical already
-        model = convert_sync_batchnorm(model)
-        if primary:
-            _logger.info('Converted model to use Synchronized BatchNorm.')
-
+def _scale_lr(args):
+    """--lr, or lr_base scaled by the global batch size (timm's rule); logged with where it came from."""
     global_batch_size = args.batch_size * args.world_size * args.grad_accum_steps
     if not args.lr:
         batch_ratio = global_batch_size / args.lr_base_size
@@ -753,97 +586,57 @@ def _train(args, device, skipped_counter):
                      f'scaling')
     else:
         lr_source = 'set by --lr'
-    if primary:
+    if utils.is_primary(args):
         _logger.info(f'Global batch size {global_batch_size} ({args.batch_size} per process x {args.world_size} '
                      f'processes x {args.grad_accum_steps} accumulation steps); lr {args.lr:.6g} ({lr_source}).')
 
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
 
+def _setup_amp(args, device, model, optimizer):
+    """(model, optimizer, amp_autocast, loss_scaler) for --amp / --apex-amp / float32."""
     amp_autocast = suppress
     loss_scaler = None
     if args.apex_amp:
         from apex import amp as apex_amp
         model, optimizer = apex_amp.initialize(model, optimizer, opt_level='O1')
         loss_scaler = utils.ApexScaler()
-        if primary:
-            _logger.info('Using NVIDIA APEX AMP (O1). Training in mixed precision.')
+        message = 'Using NVIDIA APEX AMP (O1). Training in mixed precision.'
     elif args.amp:
+        amp_dtype = cli.resolve_amp_dtype(args.amp_dtype, device)
+        args.amp_dtype = str(amp_dtype).removeprefix('torch.')
         amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
         if amp_dtype == torch.float16:
             loss_scaler = utils.NativeScaler(device=device.type)
-        if primary:
-            _logger.info(f'Using native torch AMP ({args.amp_dtype}). Training in mixed precision.')
-    elif primary:
-        _logger.info('AMP not enabled. Training in float32.')
+        message = f'Using native torch AMP ({args.amp_dtype}). Training in mixed precision.'
+    else:
+        message = 'AMP not enabled. Training in float32.'
+    if utils.is_primary(args):
+        _logger.info(message)
+    return model, optimizer, amp_autocast, loss_scaler
 
-    # The run folder is known on every rank (auto-resume reads it); only rank 0 creates and writes it.
-    exp_name = args.experiment
-    if not exp_name:
-        exp_name = '-'.join([safe_model_name(args.model), str(data_config['input_size'][-1])])
-        if not args.auto_resume:
-            exp_name = '-'.join([datetime.datetime.now().strftime('%Y%m%d-%H%M%S'), exp_name])
-    output_dir = os.path.join(args.output or './output/train', exp_name)
 
-    resume_path = args.resume
-    if args.auto_resume and not resume_path:
-        found = find_auto_resume(output_dir) if primary else ''
-        resume_path = _all_gather(args, found)[0]
+def _resume_path(args, output_dir):
+    """--resume, or with --auto-resume the newest checkpoint of the run folder; a fresh run never overwrites one."""
+    path = args.resume
+    if args.auto_resume and not path:
+        primary = utils.is_primary(args)
+        path = all_gather(args, find_auto_resume(output_dir) if primary else '')[0]
         if primary:
-            _logger.info(f"Auto-resume from '{resume_path}'." if resume_path else
+            _logger.info(f"Auto-resume from '{path}'." if path else
                          f"Auto-resume: no checkpoint in '{output_dir}' yet, starting fresh.")
-    if not resume_path and os.path.isfile(os.path.join(output_dir, 'last' + CHECKPOINT_EXT)):
-        _fail(f"run folder '{output_dir}' already holds checkpoints; pass --auto-resume to continue it or choose "
-              f"another --experiment")
+    if not path and os.path.isfile(os.path.join(output_dir, 'last' + CHECKPOINT_EXT)):
+        raise UsageError(f"run folder '{output_dir}' already holds checkpoints; pass --auto-resume to continue it or "
+                         f"choose another --experiment")
+    return path
 
-    resume_state = None
-    resume_epoch = None
-    if resume_path:
-        try:
-            resume_state = _load_resume_state(resume_path)
-            resume_epoch = resume_checkpoint(
-                model,
-                resume_path,
-                optimizer=None if args.no_resume_opt else optimizer,
-                loss_scaler=None if args.no_resume_opt else loss_scaler,
-                log_info=primary,
-            )
-        except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
-            reason = ' '.join(str(e).strip().splitlines()[:2])[:300]
-            _fail(f"cannot resume from '{resume_path}' ({type(e).__name__}: {reason}); it must be a train.py "
-                  f"checkpoint of --model {args.model} with the same model_kwargs")
 
-    model_ema = None
-    if args.model_ema:
-        # created after the move to device and resume, before the DDP wrap (timm's order)
-        model_ema = utils.ModelEmaV3(
-            model,
-            decay=args.model_ema_decay,
-            use_warmup=args.model_ema_warmup,
-            device='cpu' if args.model_ema_force_cpu else None,
-        )
-        if resume_path:
-            load_checkpoint(model_ema.module, resume_path, use_ema=True)
-
-    if resume_state is not None and 'training_hooks' in resume_state:
-        for m in _hook_models(model, model_ema):
-            if hasattr(m, 'load_training_hook_state'):
-                m.load_training_hook_state(resume_state['training_hooks'])
-
-    if args.distributed:
-        if primary:
-            _logger.info('Using native Torch DistributedDataParallel.')
-        model = NativeDDP(
-            model, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=not args.no_ddp_bb)
-    if args.torchcompile:
-        model = torch.compile(model, backend=args.torchcompile)
-
+def _create_loaders(args, data_config, dataset_train, dataset_eval, device):
+    """timm's loaders (and Mixup/CutMix): (loader_train, loader_eval or None, mixup_fn or None)."""
     train_interpolation = args.train_interpolation
     if args.no_aug or not train_interpolation:
         train_interpolation = data_config['interpolation']
     mixup_fn = None
     collate_fn = None
-    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
-    if mixup_active:
+    if args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None:
         mixup_args = dict(
             mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
             prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
@@ -887,8 +680,8 @@ def _train(args, device, skipped_counter):
         **common_loader_kwargs,
     )
     if len(loader_train) == 0:
-        _fail(f'batch size {args.batch_size} x {args.world_size} process(es) is larger than the '
-              f'{len(dataset_train)} training images; lower -b/--batch-size')
+        raise UsageError(f'batch size {args.batch_size} x {args.world_size} process(es) is larger than the '
+                         f'{len(dataset_train)} training images; lower -b/--batch-size')
 
     loader_eval = None
     if dataset_eval is not None:
@@ -902,14 +695,145 @@ def _train(args, device, skipped_counter):
             crop_pct=data_config['crop_pct'],
             **common_loader_kwargs,
         )
+    return loader_train, loader_eval, mixup_fn
 
-    if mixup_active:
-        train_loss_fn = SoftTargetCrossEntropy()  # mixup's targets already carry the label smoothing
-    elif args.smoothing:
-        train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        train_loss_fn = nn.CrossEntropyLoss()
-    train_loss_fn = train_loss_fn.to(device=device)
+
+def _train_loss_fn(args):
+    if args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None:
+        return SoftTargetCrossEntropy()  # mixup's targets already carry the label smoothing
+    if args.smoothing:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def _create_run_outputs(args, output_dir, model, optimizer, model_ema, loss_scaler, resume, decreasing, start_epoch):
+    """Rank 0's run folder: the saver (its history restored on resume), args.yaml, the trimmed summary, TensorBoard.
+
+    Called only after every weight has loaded, so a bad file never leaves anything in the run folder.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    saver = TrainCheckpointSaver(
+        extra_state_fn=resume.checkpoint_state,
+        model=model,
+        optimizer=optimizer,
+        args=args,
+        model_ema=model_ema,
+        amp_scaler=loss_scaler,
+        checkpoint_dir=output_dir,
+        recovery_dir=output_dir,
+        decreasing=decreasing,
+        max_history=args.checkpoint_hist,
+    )
+    resume.restore_saver(saver)
+    utils.trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
+    with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+        yaml.safe_dump(_args_for_yaml(args), f, default_flow_style=False)
+    tb_writer = None
+    if args.log_tb:
+        from torch.utils.tensorboard import SummaryWriter
+        tb_writer = SummaryWriter(log_dir=output_dir)
+    _logger.info(f'Run folder: {output_dir}')
+    return saver, tb_writer
+
+
+def _write_epoch(epoch, train_metrics, eval_metrics, latest_metric, optimizer, saver, tb_writer):
+    """The epoch's summary row, then its checkpoint (a kill between them leaves a row that a resume from the previous
+    checkpoint trims and rewrites, never a checkpoint whose epoch has no row), the curves and TensorBoard scalars."""
+    lrs = [g['lr'] for g in optimizer.param_groups]
+    summary_path = os.path.join(saver.checkpoint_dir, 'summary.csv')
+    utils.update_summary(epoch, train_metrics, eval_metrics, filename=summary_path, lr=sum(lrs) / len(lrs))
+    best = saver.save_checkpoint(epoch, metric=latest_metric)
+    _plot_curves(summary_path, os.path.join(saver.checkpoint_dir, 'curves.png'))
+    if tb_writer is not None:
+        for k, v in train_metrics.items():
+            tb_writer.add_scalar(f'epoch/train_{k}', v, epoch)
+        for k, v in (eval_metrics or {}).items():
+            tb_writer.add_scalar(f'epoch/eval_{k}', v, epoch)
+        tb_writer.add_scalar('epoch/lr', sum(lrs) / len(lrs), epoch)
+        tb_writer.flush()
+    return best
+
+
+def _distribute_bn(args, model, log=False):
+    """--dist-bn across the processes; logs the BatchNorm statistics before and after when asked."""
+    if not (args.distributed and args.dist_bn in ('broadcast', 'reduce')):
+        return
+    sums = all_gather(args, bn_running_mean_sum(model)) if log else None
+    utils.distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
+    if log and utils.is_primary(args):
+        _logger.info(f'Distributed BatchNorm stats ({args.dist_bn}): running_mean sums per rank before '
+                     f'{[repr(s) for s in sums]}, after {bn_running_mean_sum(model)!r}')
+
+
+def _train(args, device, skipped_counter):
+    primary = utils.is_primary(args)
+    utils.random_seed(args.seed, args.rank)
+
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    dataset_train, dataset_eval = _create_datasets(args, 'RGB' if in_chans == 3 else 'L')
+    skipped_counter.reset(max(len(dataset_train), len(dataset_eval) if dataset_eval is not None else 0))
+    train_classes = getattr(getattr(dataset_train, 'reader', None), 'class_to_idx', None)
+    if args.num_classes is None and train_classes is not None:
+        args.num_classes = len(train_classes)
+    elif train_classes is not None and args.num_classes < len(train_classes):
+        raise UsageError(f'--num-classes {args.num_classes} is less than the {len(train_classes)} class folders of '
+                         f'the train split; raise it or leave it unset')
+
+    model = _create_model(args, in_chans)
+    if args.num_classes is None:
+        args.num_classes = model.num_classes
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
+    if primary:
+        _logger.info(f'Model {safe_model_name(args.model)} created, param count: '
+                     f'{sum(m.numel() for m in model.parameters())}')
+    data_config = resolve_data_config(vars(args), model=model, verbose=primary)
+
+    model.to(device=device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        args.dist_bn = ''  # SyncBatchNorm keeps the statistics identical already
+        model = convert_sync_batchnorm(model)
+        if primary:
+            _logger.info('Converted model to use Synchronized BatchNorm.')
+
+    _scale_lr(args)
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    model, optimizer, amp_autocast, loss_scaler = _setup_amp(args, device, model, optimizer)
+
+    # The run folder is known on every rank (auto-resume reads it); only rank 0 creates and writes it.
+    exp_name = args.experiment
+    if not exp_name:
+        exp_name = '-'.join([safe_model_name(args.model), str(data_config['input_size'][-1])])
+        if not args.auto_resume:
+            exp_name = '-'.join([datetime.datetime.now().strftime('%Y%m%d-%H%M%S'), exp_name])
+    output_dir = os.path.join(args.output or './output/train', exp_name)
+
+    resume = ExactResume.load(args, _resume_path(args, output_dir))
+    model_ema = None
+    if args.model_ema:  # before the DDP wrap (timm's order); restore() fills it
+        model_ema = utils.ModelEmaV3(
+            model,
+            decay=args.model_ema_decay,
+            use_warmup=args.model_ema_warmup,
+            device='cpu' if args.model_ema_force_cpu else None,
+        )
+    hooks = ModelHooks(model, model_ema)
+    resume.restore(model, optimizer, loss_scaler, model_ema, hooks)
+
+    if args.distributed:
+        if primary:
+            _logger.info('Using native Torch DistributedDataParallel.')
+        model = NativeDDP(
+            model, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=not args.no_ddp_bb)
+    if args.torchcompile:
+        model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
+        if model_ema is not None:
+            model_ema = torch.compile(model_ema, backend=args.torchcompile, mode=args.torchcompile_mode)
+
+    loader_train, loader_eval, mixup_fn = _create_loaders(args, data_config, dataset_train, dataset_eval, device)
+    train_loss_fn = _train_loss_fn(args).to(device=device)
     validate_loss_fn = nn.CrossEntropyLoss().to(device=device)
 
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
@@ -920,81 +844,15 @@ def _train(args, device, skipped_counter):
         **scheduler_kwargs(args, decreasing_metric=decreasing_metric),
         updates_per_epoch=updates_per_epoch,
     )
+    start_epoch = resume.start(lr_scheduler, updates_per_epoch)
 
-    # where the loop starts: the epoch after an end-of-epoch checkpoint, or inside the epoch of a recovery one
-    start_epoch = 0
-    start_update = 0
-    if resume_epoch is not None:
-        start_epoch = resume_epoch
-        if resume_state.get('step'):
-            start_epoch = resume_state['epoch']
-            start_update = resume_state['step']
-    if args.start_epoch is not None:
-        start_epoch = args.start_epoch
-    if resume_state is not None and lr_scheduler is not None and 'scheduler' in resume_state:
-        lr_scheduler.load_state_dict(resume_state['scheduler'])
-    if lr_scheduler is not None and (start_epoch > 0 or start_update > 0):
-        if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * updates_per_epoch + start_update)
-        else:
-            lr_scheduler.step(start_epoch)
-
-    saver = None
-    tb_writer = None
-    # what the saver adds to a checkpoint: updates done in the epoch (recovery only) and per-rank RNG states, now and
-    # at the epoch start ('rng_epoch', to replay the epoch's data order); 'rng_epoch_local' is this rank's own
-    train_state = {'step': None, 'rng': None, 'rng_epoch': None, 'rng_epoch_local': None}
+    saver, tb_writer = None, None
     if primary:
-        os.makedirs(output_dir, exist_ok=True)
-
-        def _extra_state():
-            state = {
-                'scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None,
-                'step': train_state['step'],
-                'rng': train_state['rng'],
-            }
-            if train_state['step']:
-                state['rng_epoch'] = train_state['rng_epoch']
-            hook_model = utils.unwrap_model(model)
-            if hasattr(hook_model, 'training_hook_state'):
-                state['training_hooks'] = hook_model.training_hook_state()
-            return state
-
-        saver = TrainCheckpointSaver(
-            extra_state_fn=_extra_state,
-            model=model,
-            optimizer=optimizer,
-            args=args,
-            model_ema=model_ema,
-            amp_scaler=loss_scaler,
-            checkpoint_dir=output_dir,
-            recovery_dir=output_dir,
-            decreasing=decreasing_metric,
-            max_history=args.checkpoint_hist,
-        )
-        if resume_path and os.path.dirname(os.path.abspath(resume_path)) == os.path.abspath(output_dir):
-            saver.load_state_dict_from_checkpoint(resume_path)
-        utils.trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump(_args_for_yaml(args), f, default_flow_style=False)
-        if args.log_tb:
-            from torch.utils.tensorboard import SummaryWriter
-            tb_writer = SummaryWriter(log_dir=output_dir)
-        _logger.info(f'Run folder: {output_dir}')
+        saver, tb_writer = _create_run_outputs(
+            args, output_dir, model, optimizer, model_ema, loss_scaler, resume, decreasing_metric, start_epoch)
         _logger.info(f'Scheduled epochs: {num_epochs} ({updates_per_epoch} updates per epoch). '
                      f'LR stepped per {"epoch" if lr_scheduler.t_in_epochs else "update"}.')
-
-    resume_rng = None
-    if resume_state is not None:
-        rng_all = resume_state.get('rng_epoch' if start_update else 'rng')
-        if rng_all is not None and len(rng_all) == args.world_size:
-            _set_rng_state(rng_all[args.rank])
-            if start_update:
-                train_state['rng_epoch_local'] = rng_all[args.rank]
-                resume_rng = resume_state['rng'][args.rank]
-        elif primary:
-            _logger.warning('The checkpoint holds no RNG state for this number of processes; the resumed run gets '
-                            'fresh random streams and will not repeat the original run exactly.')
+    resume.restore_rng()
 
     best_metric = None
     best_epoch = None
@@ -1002,71 +860,42 @@ def _train(args, device, skipped_counter):
     for epoch in range(start_epoch, num_epochs):
         if args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
             loader_train.sampler.set_epoch(epoch)  # DistributedSampler orders by (seed, epoch)
-        skip_updates = start_update if epoch == start_epoch else 0
-        if not skip_updates or train_state['rng_epoch_local'] is None:
-            train_state['rng_epoch_local'] = _rng_state()
 
         train_metrics = train_one_epoch(
             epoch, model, loader_train, optimizer, train_loss_fn, args,
             device=device, lr_scheduler=lr_scheduler, saver=saver, amp_autocast=amp_autocast,
             loss_scaler=loss_scaler, model_ema=model_ema, mixup_fn=mixup_fn, num_epochs=num_epochs,
-            skip_updates=skip_updates, resume_rng=resume_rng if skip_updates else None, train_state=train_state,
-            tb_writer=tb_writer,
+            resume=resume, hooks=hooks, tb_writer=tb_writer,
         )
-        skipped = len(set().union(*_all_gather(args, skipped_counter.take())))
-        train_metrics['skipped_images'] = skipped
+        train_metrics['skipped_images'] = skipped = skipped_counter.count_all_ranks(args)
         if skipped and primary:
             _logger.warning(f'Epoch {epoch}: skipped {skipped} unreadable training image(s) (see the warnings '
                             f'above); training went on with the next images.')
-        hook_model = utils.unwrap_model(model)
-        if hasattr(hook_model, 'training_hook_log'):
-            train_metrics.update(hook_model.training_hook_log())
-
-        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-            sums = _all_gather(args, bn_running_mean_sum(model))
-            utils.distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
-            if primary:
-                _logger.info(f'Distributed BatchNorm stats ({args.dist_bn}): running_mean sums per rank before '
-                             f'{[repr(s) for s in sums]}, after {bn_running_mean_sum(model)!r}')
+        train_metrics.update(hooks.log())
+        _distribute_bn(args, model, log=True)
 
         eval_metrics = None
         if loader_eval is not None:
             eval_metrics = validate(model, loader_eval, validate_loss_fn, args, device=device,
                                     amp_autocast=amp_autocast)
             if model_ema is not None and not args.model_ema_force_cpu:
-                if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-                    utils.distribute_bn(model_ema, args.world_size, args.dist_bn == 'reduce')
+                _distribute_bn(args, model_ema)
                 eval_metrics = validate(model_ema, loader_eval, validate_loss_fn, args, device=device,
                                         amp_autocast=amp_autocast, log_suffix=' (EMA)')
-            skipped_eval = len(set().union(*_all_gather(args, skipped_counter.take())))
+            skipped_eval = skipped_counter.count_all_ranks(args)
             if skipped_eval and primary:
                 _logger.warning(f'Epoch {epoch}: skipped {skipped_eval} unreadable validation image(s).')
         latest_metric = eval_metrics[eval_metric] if eval_metrics is not None else train_metrics[eval_metric]
 
-        # every rank hands in its RNG state; rank 0 writes them all
-        train_state['step'] = None
-        train_state['rng'] = _all_gather(args, _rng_state())
+        resume.end_epoch()  # every rank hands in its RNG state; rank 0 writes them all
         if saver is not None:
-            # The summary row first: a kill between the two then leaves a row that a resume from the previous
-            # checkpoint trims and rewrites, never a checkpoint whose epoch has no row.
-            lrs = [g['lr'] for g in optimizer.param_groups]
-            summary_path = os.path.join(output_dir, 'summary.csv')
-            utils.update_summary(epoch, train_metrics, eval_metrics, filename=summary_path, lr=sum(lrs) / len(lrs))
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=latest_metric)
-            _plot_curves(summary_path, os.path.join(output_dir, 'curves.png'))
-            if tb_writer is not None:
-                for k, v in train_metrics.items():
-                    tb_writer.add_scalar(f'epoch/train_{k}', v, epoch)
-                for k, v in (eval_metrics or {}).items():
-                    tb_writer.add_scalar(f'epoch/eval_{k}', v, epoch)
-                tb_writer.add_scalar('epoch/lr', sum(lrs) / len(lrs), epoch)
-                tb_writer.flush()
-
+            best_metric, best_epoch = _write_epoch(
+                epoch, train_metrics, eval_metrics, latest_metric, optimizer, saver, tb_writer)
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, latest_metric)
         results.append({'epoch': epoch, 'train': train_metrics, 'validation': eval_metrics})
 
-    fingerprints = _all_gather(args, state_fingerprint(utils.unwrap_model(model).state_dict()))
+    fingerprints = all_gather(args, state_fingerprint(utils.unwrap_model(model).state_dict()))
     if primary and args.distributed:
         same = len(set(fingerprints)) == 1
         (_logger.info if same else _logger.warning)(
@@ -1091,6 +920,8 @@ def train_one_epoch(
         loss_fn,
         args,
         device,
+        resume,
+        hooks,
         lr_scheduler=None,
         saver=None,
         amp_autocast=suppress,
@@ -1098,18 +929,15 @@ def train_one_epoch(
         model_ema=None,
         mixup_fn=None,
         num_epochs=1,
-        skip_updates=0,
-        resume_rng=None,
-        train_state=None,
         tb_writer=None,
 ):
-    """One training epoch (timm legacy_train's loop) with the model hooks, a NaN check and an ETA.
+    """One training epoch (timm legacy_train's loop) with the model's training hooks, a NaN check and an ETA.
 
     Args:
-        skip_updates: Updates already done in this epoch (resume from a recovery checkpoint): their batches are drawn
-            from the loader, so the order stays that of the original run, but not trained on.
-        resume_rng: Per-process RNG state to restore once the skipped batches are drawn.
-        train_state: Shared dict the checkpoint saver reads ('step', 'rng', 'rng_epoch').
+        resume: The run's ExactResume: updates a recovery checkpoint already holds are skipped (their batches are
+            drawn from the loader, so the order stays that of the original run, but not trained on), and recovery
+            checkpoints get the state for an exact resume.
+        hooks: ModelHooks of the model and its EMA copy.
     """
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         if args.prefetcher and loader.mixup_enabled:
@@ -1119,9 +947,6 @@ def train_one_epoch(
 
     second_order = getattr(optimizer, 'is_second_order', False)
     has_no_sync = hasattr(model, 'no_sync')
-    hook_models = _hook_models(model, model_ema)
-    progress_models = [m for m in hook_models if hasattr(m, 'set_training_progress')]
-    aux_model = hook_models[0] if hasattr(hook_models[0], 'auxiliary_loss') else None
     update_time_m = utils.AverageMeter()
     losses_m = utils.AverageMeter()
 
@@ -1130,9 +955,10 @@ def train_one_epoch(
     accum_steps = args.grad_accum_steps
     last_accum_steps = len(loader) % accum_steps
     updates_per_epoch = (len(loader) + accum_steps - 1) // accum_steps
-    num_updates = epoch * updates_per_epoch + skip_updates
     last_batch_idx = len(loader) - 1
     last_batch_idx_to_accum = len(loader) - last_accum_steps
+    skip_updates = resume.begin_epoch(epoch)
+    num_updates = epoch * updates_per_epoch + skip_updates
     skip_batches = skip_updates * accum_steps
 
     update_start_time = time.time()
@@ -1140,8 +966,8 @@ def train_one_epoch(
     update_sample_count = 0
     for batch_idx, (input, target) in enumerate(loader):
         if batch_idx < skip_batches:
-            if batch_idx == skip_batches - 1 and resume_rng is not None:
-                _set_rng_state(resume_rng)
+            if batch_idx == skip_batches - 1:
+                resume.replayed()
                 update_start_time = time.time()
             continue
         last_batch = batch_idx == last_batch_idx
@@ -1157,17 +983,13 @@ def train_one_epoch(
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
 
-        for m in progress_models:
-            m.set_training_progress(epoch + update_idx / updates_per_epoch)
+        hooks.set_progress(epoch + update_idx / updates_per_epoch)
 
         def _forward():
             with amp_autocast():
                 output = model(input)
                 _loss = loss_fn(output, target)
-            if aux_model is not None:
-                aux = aux_model.auxiliary_loss()
-                if aux is not None:
-                    _loss = _loss + aux
+            _loss = hooks.add_auxiliary_loss(_loss)
             _check_finite(_loss, args, epoch, update_idx, updates_per_epoch, optimizer, saver)
             if accum_steps > 1:
                 _loss = _loss / accum_steps
@@ -1246,9 +1068,7 @@ def train_one_epoch(
                     tb_writer.add_scalar('step/lr', lr, num_updates)
 
         if args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0 and not last_batch:
-            train_state['step'] = update_idx + 1
-            train_state['rng'] = _all_gather(args, _rng_state())
-            train_state['rng_epoch'] = _all_gather(args, train_state['rng_epoch_local'])
+            resume.recovery_point(update_idx + 1)
             if saver is not None:
                 saver.save_recovery(epoch, batch_idx=update_idx)
 
@@ -1336,12 +1156,13 @@ def validate(model, loader, loss_fn, args, device, amp_autocast=suppress, log_su
 
 
 if __name__ == '__main__':
-    main()
-    if torch.distributed.is_torchelastic_launched():
-        # The run is complete and every file is closed. Skip the interpreter's C++ teardown: after a restarted
-        # rendezvous, torch 2.14's store threads can abort it ("terminate called without an active exception"), and
-        # torchrun would then report a finished job as failed.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    status = cli.exit_status(main)
+    if status or not torch.distributed.is_torchelastic_launched():
+        sys.exit(status)
+    # The run is complete and every file is closed. Skip the interpreter's C++ teardown: after a restarted
+    # rendezvous, torch 2.14's store threads can abort it ("terminate called without an active exception"), and
+    # torchrun would then report a finished job as failed.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -2,11 +2,15 @@
 """ImageNet validation: top-1, top-5 and loss of one or more models over an ImageFolder val set.
 
 Loads the checkpoints of the original releases (timm-era ddfnet, ODConv main.py, DWNet's Swin-style main.py,
-torchvision-style scripts) as well as this project's own, always without running pickled code (models/_helpers.py).
-Evaluation uses each model's protocol from its pretrained cfg (input size, crop_pct, interpolation, mean/std); every
-piece of it can be overridden. Built on timm's library, after timm's validate.py.
+torchvision-style scripts) as well as this project's own, always without running pickled code (models/_helpers.py);
+the plain weights of a file unless --use-ema. A checkpoint of a train.py run (or its run folder) names its model:
+the model, its kwargs, the number of classes and the eval transforms come from the args it saved (or the run's
+args.yaml); flags on the command line still win, and a conflict is reported in one line. Otherwise evaluation uses
+each model's protocol from its pretrained cfg (input size, crop_pct, interpolation, mean/std), every piece of it
+overridable. Built on timm's library, after timm's validate.py.
 
 Examples:
+    python validate.py /data/imagenet --checkpoint output/train/od_r50_4x/          # a train.py run
     python validate.py /data/imagenet --model ddf_mul_resnet50 --checkpoint ddf_mul_r50.pth.tar --amp
     python validate.py /data/imagenet --model od_resnet18,od_resnet50 --checkpoint od_r18.pth,od_r50.pth \\
         --model-kwargs kernel_num=4 --results-file results.csv
@@ -15,7 +19,6 @@ Examples:
 import argparse
 import copy
 import csv
-import difflib
 import json
 import logging
 import os
@@ -25,23 +28,26 @@ import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
-import timm
 import torch
-from timm.data import create_dataset, create_loader, resolve_data_config
+import yaml
+from timm.data import create_loader, resolve_data_config
 from timm.utils import AverageMeter, ParseKwargs, accuracy, setup_default_logging
 
 import models  # noqa: F401  (registers the project's models)
-from models._helpers import CheckpointError, load_checkpoint
+from models._helpers import CheckpointError, load_checkpoint_file, load_weights, pretrained_file
+from training import cli
+from training.cli import UsageError
 
 _logger = logging.getLogger('validate')
 
 _RESULT_FORMATS = ('.json', '.csv')
-
-
-class ValidateError(ValueError):
-    """Bad input for a validation run; the message is one line naming the problem and the fix."""
+# What a train.py run's saved args give a validation of its checkpoint; flags on the command line win.
+_RUN_ARGS = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'img_size', 'input_size', 'crop_pct', 'interpolation',
+             'mean', 'std')
+# The checkpoint of a run folder passed as --checkpoint, in order of preference.
+_RUN_CHECKPOINTS = ('model_best.pth.tar', 'last.pth.tar')
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -54,11 +60,14 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--split', default='validation', help='split folder searched under the root (val, validation)')
 
     group = parser.add_argument_group('Model')
-    group.add_argument('--model', '-m', default=None, help='model name, or a comma list of names')
+    group.add_argument('--model', '-m', default=None,
+                       help='model name, or a comma list of names (default: the one a train.py checkpoint names)')
     group.add_argument('--model-list', metavar='FILE', default=None,
                        help='file of `model checkpoint [key=value ...]` lines (checkpoint `-` for none; # comments)')
-    group.add_argument('--checkpoint', default='', help='checkpoint file, or a comma list (one per --model name)')
-    group.add_argument('--use-ema', action='store_true', help="load the EMA weights ('state_dict_ema')")
+    group.add_argument('--checkpoint', default='',
+                       help='checkpoint file or train.py run folder, or a comma list (one per --model name)')
+    group.add_argument('--use-ema', action='store_true',
+                       help="load the EMA weights ('state_dict_ema') instead of the plain ones")
     group.add_argument('--pretrained', action='store_true', help="use the model's pretrained weights (timm cfg)")
     group.add_argument('--num-classes', type=int, default=None, help='classifier size (default: the model cfg)')
     group.add_argument('--in-chans', type=int, default=None, help='input channels')
@@ -81,6 +90,9 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--amp', action='store_true', help='mixed precision (torch.autocast)')
     group.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'], help='autocast dtype')
     group.add_argument('--channels-last', action='store_true', help='channels_last memory format')
+    group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                       help='compile the model with this torch.compile backend (default when given: inductor)')
+    group.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode')
     group.add_argument('--no-prefetcher', action='store_false', dest='prefetcher', help='disable the prefetcher')
     group.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the loader')
     group.add_argument('--log-freq', type=int, default=50, help='batches between progress lines')
@@ -88,31 +100,37 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
+def _check_args(args: argparse.Namespace):
     if not (args.data or args.data_dir):
-        parser.error('no dataset given: pass the ImageNet root (or its val folder) as DIR or --data-dir')
-    if bool(args.model) == bool(args.model_list):
-        parser.error('pass exactly one of --model (name or comma list) and --model-list FILE')
+        raise UsageError('no dataset given: pass the ImageNet root (or its val folder) as DIR or --data-dir')
+    if args.model and args.model_list:
+        raise UsageError('pass one of --model (name or comma list) and --model-list FILE, not both')
+    if not (args.model or args.model_list or args.checkpoint):
+        raise UsageError('no model given: pass --model (name or comma list), --model-list FILE, or the --checkpoint '
+                         'of a train.py run (it names its model)')
     if args.model_list and not os.path.isfile(args.model_list):
-        parser.error(f'--model-list {args.model_list} does not exist: pass a file of `model checkpoint` lines')
+        raise UsageError(f'--model-list {args.model_list} does not exist: pass a file of `model checkpoint` lines')
     if args.results_file:
         if os.path.splitext(args.results_file)[1].lower() not in _RESULT_FORMATS:
-            parser.error(f'--results-file {args.results_file}: use a .json or .csv file name')
+            raise UsageError(f'--results-file {args.results_file}: use a .json or .csv file name')
         folder = os.path.dirname(os.path.abspath(args.results_file))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            parser.error(f'--results-file {args.results_file}: folder {folder} does not exist or is not writable')
+            raise UsageError(f'--results-file {args.results_file}: folder {folder} does not exist or is not writable')
     for flag in ('batch_size', 'log_freq'):
         if getattr(args, flag) < 1:
-            parser.error(f'--{flag.replace("_", "-")} must be at least 1')
+            raise UsageError(f'--{flag.replace("_", "-")} must be at least 1')
     if args.workers < 0:
-        parser.error('--workers must be 0 or more')
+        raise UsageError('--workers must be 0 or more')
 
 
 def parse_args(argv: List[str] = None) -> argparse.Namespace:
-    """Parse and check validate.py's command line (also used by scripts/reproduce.py to build runs)."""
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    _check_args(parser, args)
+    """Parse and check validate.py's command line (also used by scripts/reproduce.py to build runs).
+
+    Raises:
+        UsageError: A bad combination of flags (one-line message).
+    """
+    args = _build_parser().parse_args(argv)
+    _check_args(args)
     return args
 
 
@@ -128,13 +146,13 @@ def _read_model_list(path: str) -> List[Dict[str, Any]]:
             if not fields:
                 continue
             if len(fields) < 2 or any('=' not in kv for kv in fields[2:]):
-                raise ValidateError(
+                raise UsageError(
                     f'{path}:{line_no}: expected `model checkpoint [key=value ...]`, got {line.strip()!r}')
             kwargs = argparse.Namespace()
             ParseKwargs(option_strings=[], dest='kw')(None, kwargs, fields[2:])
             runs.append(dict(model=fields[0], checkpoint='' if fields[1] == '-' else fields[1], model_kwargs=kwargs.kw))
     if not runs:
-        raise ValidateError(f'{path} lists no models: write one `model checkpoint` line per model')
+        raise UsageError(f'{path} lists no models: write one `model checkpoint` line per model')
     return runs
 
 
@@ -143,10 +161,14 @@ def expand_runs(args: argparse.Namespace) -> List[argparse.Namespace]:
     if args.model_list:
         runs = _read_model_list(args.model_list)
     else:
-        names = [m.strip() for m in args.model.split(',') if m.strip()]
-        checkpoints = [c.strip() for c in args.checkpoint.split(',')] if args.checkpoint else [''] * len(names)
+        names = [m.strip() for m in args.model.split(',') if m.strip()] if args.model else []
+        checkpoints = [c.strip() for c in args.checkpoint.split(',')] if args.checkpoint else []
+        if not names:
+            names = [None] * len(checkpoints)  # each checkpoint names its model
+        elif not checkpoints:
+            checkpoints = [''] * len(names)
         if len(checkpoints) != len(names):
-            raise ValidateError(
+            raise UsageError(
                 f'{len(names)} models but {len(checkpoints)} checkpoints: give one --checkpoint per --model name')
         runs = [dict(model=n, checkpoint=c, model_kwargs={}) for n, c in zip(names, checkpoints)]
     expanded = []
@@ -159,70 +181,83 @@ def expand_runs(args: argparse.Namespace) -> List[argparse.Namespace]:
     return expanded
 
 
-def check_model_name(name: str):
-    """Raise a one-line error suggesting close names if `name` is not a registered model."""
-    if timm.is_model(name):
-        return
-    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-    hint = f'did you mean {", ".join(close)}?' if close else 'list them with timm.list_models()'
-    raise ValidateError(f'unknown model {name!r}: {hint}')
+def _checkpoint_file(path: str) -> str:
+    """The file of --checkpoint: itself, or the best (else last) checkpoint of a train.py run folder."""
+    if not os.path.isdir(path):
+        return path
+    found = [os.path.join(path, name) for name in _RUN_CHECKPOINTS if os.path.isfile(os.path.join(path, name))]
+    if not found:
+        raise UsageError(f'run folder {path} holds no {" or ".join(_RUN_CHECKPOINTS)}: pass a checkpoint file')
+    return found[0]
 
 
-def _resolve_device(name: str) -> torch.device:
+def _saved_run_args(checkpoint: Any, path: str) -> Tuple[Dict[str, Any], str]:
+    """The train.py args a checkpoint saved ('args'), else those of the args.yaml beside it; and where from."""
+    saved = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    if isinstance(saved, argparse.Namespace):
+        return vars(saved), f'the args saved in {path}'
+    args_yaml = os.path.join(os.path.dirname(os.path.abspath(path)), 'args.yaml')
+    if not os.path.isfile(args_yaml):
+        return {}, ''
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValidateError(f'--device {name}: {e}') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ValidateError(f'--device {name}: CUDA is not available on this machine; use --device cpu')
-    return device
+        with open(args_yaml) as f:
+            saved = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise UsageError(f'{args_yaml} beside the checkpoint is not valid YAML ({str(e).splitlines()[0]}): fix or '
+                         'remove it, or pass --model') from None
+    return (saved, args_yaml) if isinstance(saved, dict) else ({}, '')
+
+
+def _unset(value: Any) -> bool:
+    return value is None or (isinstance(value, (str, dict, list, tuple)) and not value)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _apply_run_args(args: argparse.Namespace, saved: Dict[str, Any], source: str):
+    """Fills the flags not given on the command line from a run's saved args; conflicts are logged in one line."""
+    given_size = not (_unset(args.img_size) and _unset(args.input_size))
+    conflicts = []
+    for key in _RUN_ARGS:
+        value = saved.get(key)
+        if _unset(value) or (given_size and key in ('img_size', 'input_size') and _unset(getattr(args, key))):
+            continue
+        given = getattr(args, key)
+        if key == 'model_kwargs':
+            conflicts += [f'{k}={given[k]} (run: {value[k]})' for k in given if k in value and given[k] != value[k]]
+            args.model_kwargs = {**value, **given}
+        elif _unset(given):
+            setattr(args, key, _plain(value))
+        elif _plain(given) != _plain(value):
+            conflicts.append(f'--{key.replace("_", "-")} {given} (run: {value})')
+    if conflicts:
+        _logger.warning(f'The command line overrides {source}: {"; ".join(conflicts)}.')
 
 
 def _amp_context(args: argparse.Namespace, device: torch.device):
     if not args.amp:
         return nullcontext
-    dtype = getattr(torch, args.amp_dtype)
-    if device.type == 'cpu' and dtype == torch.float16:
-        _logger.warning('float16 autocast is not supported well on CPU: using bfloat16 instead.')
-        dtype = torch.bfloat16
+    dtype = cli.resolve_amp_dtype(args.amp_dtype, device, doing='validating')
     return partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
 def _create_model(args: argparse.Namespace) -> torch.nn.Module:
-    check_model_name(args.model)
     kwargs = dict(args.model_kwargs)
     if args.num_classes is not None:
         kwargs['num_classes'] = args.num_classes
     if args.in_chans is not None:
         kwargs['in_chans'] = args.in_chans
-    try:
-        return timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
-    except TypeError as e:
-        raise ValidateError(f'model {args.model} rejected its arguments {kwargs}: {e}') from None
+    return cli.create_model(args.model, **kwargs)
 
 
 def _create_dataset(args: argparse.Namespace, num_classes: int):
     root = args.data or args.data_dir
-    if not args.dataset and not os.path.isdir(root):
-        raise ValidateError(f'dataset folder {root} does not exist: pass the ImageNet root or its val folder')
-    try:
-        dataset = create_dataset(name=args.dataset, root=root, split=args.split)
-    except (RuntimeError, FileNotFoundError, ValueError) as e:
-        raise ValidateError(f'cannot read dataset {root}: {str(e).splitlines()[0]}') from None
-    reader = getattr(dataset, 'reader', None)
-    class_to_idx = getattr(reader, 'class_to_idx', None) or {}
-    if '' in class_to_idx:
-        raise ValidateError(f'images lie directly in {root}: an ImageFolder needs one subfolder per class')
-    folder = getattr(reader, 'root', None)
-    if class_to_idx and folder and os.path.isdir(folder):
-        # A class folder without images would silently shift the indices of every class sorted after it.
-        empty = sorted(
-            d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and d not in class_to_idx)
-        if empty:
-            raise ValidateError(f'class folders without images in {folder}: {", ".join(empty[:5])}; '
-                                'add their images or remove them (class indices would shift)')
+    dataset = cli.create_image_split(args.dataset, root, args.split)
+    class_to_idx = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None) or {}
     if len(class_to_idx) > num_classes:
-        raise ValidateError(
+        raise UsageError(
             f'the val set has {len(class_to_idx)} classes but the model predicts {num_classes}: '
             f'pass --num-classes {len(class_to_idx)} (and a checkpoint trained with it)')
     return dataset
@@ -232,19 +267,30 @@ def validate_one(args: argparse.Namespace) -> Dict[str, Any]:
     """Validate one model (args.model, args.checkpoint) on the val set.
 
     Args:
-        args: A Namespace from `parse_args` (one run of `expand_runs` when several models were given).
+        args: A Namespace from `parse_args` (one run of `expand_runs` when several models were given); not changed.
 
     Returns:
         Ordered results: model, checkpoint, top1, top1_err, top5, top5_err, loss, param_count (M), img_size, crop_pct,
         interpolation, samples.
 
     Raises:
-        ValidateError, CheckpointError: bad input (unknown model, unusable dataset or checkpoint), one-line message.
+        UsageError, CheckpointError: bad input (unknown model, unusable dataset or checkpoint), one-line message.
     """
-    device = _resolve_device(args.device)
-    model = _create_model(args)
+    args = copy.copy(args)
+    device = cli.resolve_device(args.device)
+    checkpoint = None
     if args.checkpoint:
-        load_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
+        args.checkpoint = _checkpoint_file(args.checkpoint)
+        checkpoint = load_checkpoint_file(args.checkpoint)
+        _apply_run_args(args, *_saved_run_args(checkpoint, args.checkpoint))
+    if not args.model:
+        raise UsageError(f'{args.checkpoint} does not name its model (no train.py args in it, no args.yaml beside '
+                         'it): pass --model')
+    model = _create_model(args)
+    if args.pretrained:
+        load_weights(model, pretrained_file(model), use_ema=args.use_ema)
+    if checkpoint is not None:
+        load_weights(model, checkpoint, use_ema=args.use_ema, source=args.checkpoint)
     param_count = sum(p.numel() for p in model.parameters())
     data_config = resolve_data_config(vars(args), model=model, use_test_size=True)
     dataset = _create_dataset(args, model.num_classes)
@@ -255,6 +301,8 @@ def validate_one(args: argparse.Namespace) -> Dict[str, Any]:
     model = model.to(device).eval()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if args.torchcompile:
+        model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
     criterion = torch.nn.CrossEntropyLoss().to(device)
     loader = create_loader(
         dataset,
@@ -343,32 +391,30 @@ def results_table(results: List[Dict[str, Any]]) -> str:
 
 def main(argv: List[str] = None) -> int:
     setup_default_logging()
-    args = parse_args(argv)
-    try:
+    with cli.usage_errors('validate.py'):
+        args = parse_args(argv)
         runs = expand_runs(args)
         for run in runs:
-            check_model_name(run.model)
-    except ValidateError as e:
-        raise SystemExit(f'validate.py: error: {e}') from None
-
-    results, failed = [], 0
-    for run in runs:
-        try:
-            results.append(validate_one(run))
-        except (ValidateError, CheckpointError) as e:
-            if len(runs) == 1:
-                raise SystemExit(f'validate.py: error: {e}') from None
-            _logger.error(f'{run.model}: {e}')
-            results.append(OrderedDict(model=run.model, checkpoint=run.checkpoint, error=str(e)))
-            failed += 1
-    if args.results_file:
-        write_results(args.results_file, results)
-        _logger.info(f'Results written to {args.results_file}')
-    print(results_table(results))
-    if failed:
-        raise SystemExit(f'validate.py: error: {failed} of {len(runs)} models failed (see the table)')
+            if run.model:
+                cli.check_model_name(run.model)
+        results, failed = [], 0
+        for run in runs:
+            try:
+                results.append(validate_one(run))
+            except (UsageError, CheckpointError) as e:
+                if len(runs) == 1:
+                    raise
+                _logger.error(f'{run.model or run.checkpoint}: {e}')
+                results.append(OrderedDict(model=run.model, checkpoint=run.checkpoint, error=str(e)))
+                failed += 1
+        if args.results_file:
+            write_results(args.results_file, results)
+            _logger.info(f'Results written to {args.results_file}')
+        print(results_table(results))
+        if failed:
+            raise UsageError(f'{failed} of {len(runs)} models failed (see the table)')
     return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(cli.exit_status(main))

@@ -102,42 +102,43 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _model_args(layers, kernel_combine: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    model_args = dict(block=DDFBottleneck, layers=layers, kernel_combine=kernel_combine)
-    return dict(model_args, **kwargs)
-
-
 @register_model
 def ddf_mul_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-50, multiplicative filter combination (16.84M params)."""
-    return _create_ddf_resnet('ddf_mul_resnet50', pretrained, **_model_args((3, 4, 6, 3), 'mul', kwargs))
+    model_args = dict(block=DDFBottleneck, layers=(3, 4, 6, 3), kernel_combine='mul')
+    return _create_ddf_resnet('ddf_mul_resnet50', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def ddf_mul_resnet101(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-101, multiplicative filter combination (28.15M params)."""
-    return _create_ddf_resnet('ddf_mul_resnet101', pretrained, **_model_args((3, 4, 23, 3), 'mul', kwargs))
+    model_args = dict(block=DDFBottleneck, layers=(3, 4, 23, 3), kernel_combine='mul')
+    return _create_ddf_resnet('ddf_mul_resnet101', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def ddf_mul_resnet152(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-152, multiplicative filter combination."""
-    return _create_ddf_resnet('ddf_mul_resnet152', pretrained, **_model_args((3, 8, 36, 3), 'mul', kwargs))
+    model_args = dict(block=DDFBottleneck, layers=(3, 8, 36, 3), kernel_combine='mul')
+    return _create_ddf_resnet('ddf_mul_resnet152', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def ddf_add_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-50, additive filter combination (16.84M params)."""
-    return _create_ddf_resnet('ddf_add_resnet50', pretrained, **_model_args((3, 4, 6, 3), 'add', kwargs))
+    model_args = dict(block=DDFBottleneck, layers=(3, 4, 6, 3), kernel_combine='add')
+    return _create_ddf_resnet('ddf_add_resnet50', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def ddf_add_resnet101(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-101, additive filter combination (28.15M params)."""
-    return _create_ddf_resnet('ddf_add_resnet101', pretrained, **_model_args((3, 4, 23, 3), 'add', kwargs))
+    model_args = dict(block=DDFBottleneck, layers=(3, 4, 23, 3), kernel_combine='add')
+    return _create_ddf_resnet('ddf_add_resnet101', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def ddf_add_resnet152(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-152, additive filter combination."""
-    return _create_ddf_resnet('ddf_add_resnet152', pretrained, **_model_args((3, 8, 36, 3), 'add', kwargs))
+    model_args = dict(block=DDFBottleneck, layers=(3, 8, 36, 3), kernel_combine='add')
+    return _create_ddf_resnet('ddf_add_resnet152', pretrained, **dict(model_args, **kwargs))

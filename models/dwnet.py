@@ -16,13 +16,13 @@ original code, none of which changes a parameter, nor an output for inputs the o
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models.swin_transformer import PatchMerging
 
 from ._helpers import CheckpointError
 from .layers.dynamic_dw import DynamicDWConv, IDynamicDWConv
@@ -113,25 +113,6 @@ class DWNetBlock(nn.Module):
         return x
 
 
-class PatchMerging(nn.Module):
-    """Swin patch merging: 2x2 neighbours -> LayerNorm(4C) -> Linear(4C, 2C). Takes and returns NHWC."""
-
-    def __init__(self, dim: int, norm_layer: type = nn.LayerNorm):
-        super().__init__()
-        self.dim = dim
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-        self.norm = norm_layer(4 * dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        if H % 2 or W % 2:
-            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
-            H, W = H + H % 2, W + W % 2
-        # Concatenation order of the original: (row, col) offsets (0,0), (1,0), (0,1), (1,1).
-        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
-        return self.reduction(self.norm(x))
-
-
 class DWNetStage(nn.Module):
     """Blocks at one resolution, then (except in the last stage) patch merging, as in the original checkpoints."""
 
@@ -165,6 +146,7 @@ class DWNetStage(nn.Module):
                 impl=impl,
             )
             for i in range(depth)])
+        # timm's Swin PatchMerging is the original's: NHWC, same 2x2 concatenation order, norm/reduction keys.
         self.downsample = PatchMerging(dim, norm_layer=norm_layer) if downsample else nn.Identity()
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:

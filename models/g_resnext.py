@@ -71,7 +71,11 @@ class GBottleneck(Bottleneck):
 
 
 class GResNet(ResNet):
-    """timm ResNet with DGConv bottlenecks and the group regularizer as an auxiliary loss."""
+    """timm ResNet with DGConv bottlenecks and the group regularizer as an auxiliary loss.
+
+    Implements the training-hook protocol of train.py (`training.hooks.TrainingHooks`): the regularizer is its
+    auxiliary loss, the learned group counts its log; it has no progress schedule and no state beyond the weights.
+    """
 
     def __init__(self, *args, reg_weight: float = 0., reg_form: str = 'raw', **kwargs):
         """
@@ -99,11 +103,21 @@ class GResNet(ResNet):
             return torch.stack([m.regularizer() for m in layers]).sum()
         return torch.stack([m.regularizer() / m.in_channels ** 2 for m in layers]).mean()
 
+    def set_training_progress(self, epochs: float) -> None:
+        """The regularizer weight is constant: nothing follows the progress."""
+
     def auxiliary_loss(self) -> Optional[torch.Tensor]:
         """Weighted group regularizer for the training loss, None when reg_weight is 0."""
         if not self.reg_weight:
             return None
         return self.reg_weight * self.group_regularizer()
+
+    def training_hook_state(self) -> Dict[str, Any]:
+        """The gates are weights: nothing to keep beyond the state_dict."""
+        return {}
+
+    def load_training_hook_state(self, state: Dict[str, Any]) -> None:
+        """Nothing to restore (see `training_hook_state`)."""
 
     def training_hook_log(self) -> Dict[str, float]:
         """Learned number of channel groups of each DGConv layer."""

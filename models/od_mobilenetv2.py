@@ -208,16 +208,19 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def od_mobilenetv2_050(pretrained: bool = False, **kwargs) -> ODMobileNetV2:
     """OD-MobileNetV2 0.5x (2.43M params with kernel_num=1, 4.44M with 4)."""
-    return _create_od_mobilenetv2('od_mobilenetv2_050', pretrained, **dict(dict(width_mult=0.5), **kwargs))
+    model_args = dict(width_mult=0.5)
+    return _create_od_mobilenetv2('od_mobilenetv2_050', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def od_mobilenetv2_075(pretrained: bool = False, **kwargs) -> ODMobileNetV2:
     """OD-MobileNetV2 0.75x (3.51M params with kernel_num=1, 7.50M with 4)."""
-    return _create_od_mobilenetv2('od_mobilenetv2_075', pretrained, **dict(dict(width_mult=0.75), **kwargs))
+    model_args = dict(width_mult=0.75)
+    return _create_od_mobilenetv2('od_mobilenetv2_075', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def od_mobilenetv2_100(pretrained: bool = False, **kwargs) -> ODMobileNetV2:
     """OD-MobileNetV2 1.0x (4.94M params with kernel_num=1, 11.51M with 4)."""
-    return _create_od_mobilenetv2('od_mobilenetv2_100', pretrained, **dict(dict(width_mult=1.0), **kwargs))
+    model_args = dict(width_mult=1.0)
+    return _create_od_mobilenetv2('od_mobilenetv2_100', pretrained, **dict(model_args, **kwargs))

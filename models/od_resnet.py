@@ -169,29 +169,29 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _model_args(block: Type[nn.Module], layers: Tuple[int, ...], kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    return dict(dict(block=block, layers=layers), **kwargs)
-
-
 @register_model
 def od_resnet18(pretrained: bool = False, **kwargs) -> ODResNet:
     """OD-ResNet-18 (11.94M params with kernel_num=1, 44.90M with 4)."""
-    return _create_od_resnet('od_resnet18', pretrained, **_model_args(ODBasicBlock, (2, 2, 2, 2), kwargs))
+    model_args = dict(block=ODBasicBlock, layers=(2, 2, 2, 2))
+    return _create_od_resnet('od_resnet18', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def od_resnet34(pretrained: bool = False, **kwargs) -> ODResNet:
     """OD-ResNet-34 (no published weights)."""
-    return _create_od_resnet('od_resnet34', pretrained, **_model_args(ODBasicBlock, (3, 4, 6, 3), kwargs))
+    model_args = dict(block=ODBasicBlock, layers=(3, 4, 6, 3))
+    return _create_od_resnet('od_resnet34', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def od_resnet50(pretrained: bool = False, **kwargs) -> ODResNet:
     """OD-ResNet-50 (28.64M params with kernel_num=1, 90.67M with 4)."""
-    return _create_od_resnet('od_resnet50', pretrained, **_model_args(ODBottleneck, (3, 4, 6, 3), kwargs))
+    model_args = dict(block=ODBottleneck, layers=(3, 4, 6, 3))
+    return _create_od_resnet('od_resnet50', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def od_resnet101(pretrained: bool = False, **kwargs) -> ODResNet:
     """OD-ResNet-101 (50.82M params with kernel_num=1, 90.44M with 2)."""
-    return _create_od_resnet('od_resnet101', pretrained, **_model_args(ODBottleneck, (3, 4, 23, 3), kwargs))
+    model_args = dict(block=ODBottleneck, layers=(3, 4, 23, 3))
+    return _create_od_resnet('od_resnet101', pretrained, **dict(model_args, **kwargs))

@@ -1,14 +1,26 @@
 """ dynconv ops: compiled dynamic-filter operations (C++ CPU and CUDA kernels) and their pure-PyTorch references.
 
 `ddf` is the compiled op (needs ops._C, built by `pip install --no-build-isolation -e .`); `ddf_reference` has the
-same signature and semantics in plain PyTorch. `HAS_EXT` tells whether ops._C imported.
+same signature and semantics in plain PyTorch. `HAS_EXT` tells whether ops._C imported. Layers pick one of the two
+by name with `ddf_impl`.
 """
+from typing import Callable
+
 import torch
 
 from .ddf import HAS_EXT, ddf
 from .reference import ddf_reference
 
-__all__ = ['ddf', 'ddf_reference', 'HAS_EXT', 'backend_info']
+__all__ = ['ddf', 'ddf_reference', 'ddf_impl', 'HAS_EXT', 'backend_info']
+
+_DDF_IMPLS = {'ext': ddf, 'reference': ddf_reference}
+
+
+def ddf_impl(name: str) -> Callable[..., torch.Tensor]:
+    """The ddf implementation a layer's `impl` argument names: 'ext' (`ddf`) or 'reference' (`ddf_reference`)."""
+    if name not in _DDF_IMPLS:
+        raise ValueError(f"impl must be one of {sorted(_DDF_IMPLS)}, got {name!r}")
+    return _DDF_IMPLS[name]
 
 
 def backend_info() -> dict:

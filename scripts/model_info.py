@@ -10,7 +10,6 @@ Usage:
     python scripts/model_info.py od_resnet50 --model-kwargs kernel_num=4 --img-size 256 --depth 2
 """
 import argparse
-import difflib
 import functools
 import logging
 import os
@@ -24,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402,F401  (registers the project's models)
+from training import cli  # noqa: E402
 
 __all__ = ['count_params_and_macs', 'create_counting_model', 'default_input_size', 'model_info']
 
@@ -120,9 +120,9 @@ def _macs_table(model: torch.nn.Module, counter: FlopCounterMode, corrections: d
 
 
 def create_counting_model(name: str, **kwargs) -> torch.nn.Module:
-    """Build a model on the meta device (fast, no memory) for counting."""
+    """Build a model on the meta device (fast, no memory) for counting; bad arguments are a `cli.UsageError`."""
     with torch.device('meta'):
-        return timm.create_model(name, **kwargs)
+        return cli.create_model(name, **kwargs)
 
 
 def model_info(name: str, img_size: Optional[int] = None, depth: Optional[int] = None, **kwargs) -> dict:
@@ -150,19 +150,16 @@ def main(argv=None):
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='key=value entrypoint args')
     parser.add_argument('--depth', type=int, default=None, help='also print GMACs per module down to this depth')
     args = parser.parse_args(argv)
-    if not timm.is_model(args.model):
-        close = difflib.get_close_matches(args.model, timm.list_models(), n=5, cutoff=0.6)
-        parser.error(f'unknown model {args.model!r}: ' + (f'did you mean {", ".join(close)}?' if close else
-                                                          'list them with timm.list_models()'))
-    if args.img_size is not None and args.img_size < 1:
-        parser.error('--img-size must be positive')
     kwargs = dict(args.model_kwargs)
     if args.num_classes is not None:
         kwargs['num_classes'] = args.num_classes
     try:
+        cli.check_model_name(args.model)
+        if args.img_size is not None and args.img_size < 1:
+            raise cli.UsageError('--img-size must be positive')
         info = model_info(args.model, img_size=args.img_size, depth=args.depth, **kwargs)
-    except TypeError as e:
-        parser.error(f'model {args.model} rejected its arguments {kwargs}: {e}')
+    except cli.UsageError as e:
+        parser.error(str(e))
     c, h, w = info['input_size']
     print(f'{info["model"]}: {info["params_m"]:.2f}M params, {info["gmacs"]:.3f} GMACs at {c}x{h}x{w}')
     if args.img_size is None:

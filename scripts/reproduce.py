@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 import validate  # noqa: E402
 from models._helpers import CheckpointError  # noqa: E402
 from scripts.model_zoo import DEFAULT_REFERENCE, table_rows  # noqa: E402
+from training.cli import UsageError  # noqa: E402
 
 __all__ = ['row_key', 'find_checkpoint', 'eval_protocols', 'reproduce', 'to_markdown']
 
@@ -101,7 +102,7 @@ def reproduce(args: argparse.Namespace) -> List[Dict[str, Any]]:
     """Validate every zoo row whose checkpoint is present; returns one result dict per such row."""
     names = yaml.safe_load(args.names.read_text()) if args.names else {}
     if not isinstance(names, dict):
-        raise ValueError(f'--names {args.names}: expected a YAML mapping of row keys to file names')
+        raise UsageError(f'--names {args.names}: expected a YAML mapping of row keys to file names')
     protocols = eval_protocols(args.reference)
     results, measured = [], {}
     for row in table_rows(args.reference):
@@ -117,7 +118,7 @@ def reproduce(args: argparse.Namespace) -> List[Dict[str, Any]]:
             try:
                 measured[run] = validate.validate_one(
                     _validate_args(args, row, checkpoint, protocols.get(row['family'], {})))
-            except (validate.ValidateError, CheckpointError) as e:
+            except (UsageError, CheckpointError) as e:
                 _logger.error(f'{key}: {e}')
                 measured[run] = dict(error=str(e))
         result = dict(family=row['family'], kind=row['kind'], key=key, model=row['model'], kwargs=row['kwargs'],
@@ -199,7 +200,7 @@ def main(argv: List[str] = None) -> int:
         parser.error(f'dataset folder {args.imagenet_dir} does not exist: pass the ImageNet root or its val folder')
     try:
         results = reproduce(args)
-    except ValueError as e:
+    except UsageError as e:
         parser.error(str(e))
     if not results:
         parser.error(f'no released checkpoint found in {args.checkpoint_dir}: name files <key>.pth.tar '

@@ -35,26 +35,9 @@ train_seconds=$((SECONDS - start))
 mv "$log" "$run_dir/train.log"
 
 checkpoint="$run_dir/model_best.pth.tar"
-# validate.py gets the model and the eval transforms the run resolved (args.yaml), so both measure the same thing
-mapfile -t validate_args < <("$PYTHON" - "$run_dir/args.yaml" <<'EOF'
-import sys
-
-import yaml
-
-with open(sys.argv[1]) as f:
-    a = yaml.safe_load(f)
-print('--model', a['model'], '--num-classes', a['num_classes'], '--split', a['val_split'], sep='\n')
-if a.get('model_kwargs'):
-    print('--model-kwargs', *(f'{k}={v!r}' for k, v in a['model_kwargs'].items()), sep='\n')
-for key in ('img_size', 'crop_pct', 'interpolation'):
-    if a.get(key) not in (None, ''):
-        print(f'--{key.replace("_", "-")}', a[key], sep='\n')
-for key in ('mean', 'std'):
-    if a.get(key):
-        print(f'--{key}', *a[key], sep='\n')
-EOF
-)
-"$PYTHON" validate.py "$DATA" "${validate_args[@]}" --checkpoint "$checkpoint" --workers 1 \
+# validate.py takes the model, its kwargs and the eval transforms from the args the checkpoint saved, so both measure
+# the same thing
+"$PYTHON" validate.py "$DATA" --checkpoint "$checkpoint" --workers 1 \
     --results-file "$run_dir/validate.json" 2>&1 | tee "$run_dir/validate.log"
 
 top1=$("$PYTHON" -c 'import json, sys; print(format(json.load(open(sys.argv[1]))[0]["top1"], ".2f"))' \

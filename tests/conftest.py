@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: the tiny demo ImageFolder and the list of devices to test on."""
+"""Shared pytest fixtures: the tiny demo ImageFolder, the list of devices to test on, train.py in-process."""
 import pytest
 import torch
 
@@ -37,3 +37,14 @@ def tiny_imagefolder(tmp_path_factory) -> str:
 def device(request) -> torch.device:
     """Each available device in turn (CPU, then CUDA when a GPU is present)."""
     return torch.device(request.param)
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """train.main, run in this process on one thread, with timm's root-logger setup left out (pytest captures)."""
+    import train
+    monkeypatch.setattr(train.utils, 'setup_default_logging', lambda *a, **k: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield train.main
+    torch.set_num_threads(threads)

@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from models._helpers import CheckpointError, load_checkpoint, load_checkpoint_file, state_dict_mismatch
+from models._helpers import CheckpointError, load_checkpoint_file, load_weights, state_dict_mismatch
 
 TINY_MODEL = 'test_resnet'  # timm's 0.4M-parameter test ResNet: builds in milliseconds
 
@@ -135,7 +135,7 @@ def test_release_formats_load_strict(fmt, legacy, tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, 'yacs.config', raising=False)
 
     dst = _tiny(1)
-    meta = load_checkpoint(dst, str(path))
+    meta = load_weights(dst, str(path))
     _assert_same_weights(dst, src.state_dict())
     assert 'yacs' not in sys.modules  # the config was rebuilt without importing (or running) yacs
     expected_key = {'plain': None, 'module_prefix': None, 'model': 'model', 'swin': 'model',
@@ -158,7 +158,7 @@ def test_safetensors_file(tmp_path):
     path = tmp_path / 'weights.safetensors'
     save_file(src.state_dict(), str(path))
     dst = _tiny(1)
-    load_checkpoint(dst, str(path))
+    load_weights(dst, str(path))
     _assert_same_weights(dst, src.state_dict())
 
 
@@ -179,9 +179,9 @@ def test_use_ema_selects_ema_weights(tmp_path):
     path = tmp_path / 'train.pth.tar'
     torch.save({'state_dict': model.state_dict(), 'state_dict_ema': ema.state_dict(), 'epoch': 3}, path)
     dst = _tiny(2)
-    load_checkpoint(dst, str(path), use_ema=True)
+    load_weights(dst, str(path), use_ema=True)
     _assert_same_weights(dst, ema.state_dict())
-    load_checkpoint(dst, str(path))
+    load_weights(dst, str(path))
     _assert_same_weights(dst, model.state_dict())
 
 
@@ -189,7 +189,7 @@ def test_use_ema_without_ema_weights(tmp_path):
     path = tmp_path / 'plain.pth'
     torch.save({'state_dict': _tiny(0).state_dict()}, path)
     with pytest.raises(CheckpointError, match='no EMA weights.*drop --use-ema'):
-        load_checkpoint(_tiny(1), str(path), use_ema=True)
+        load_weights(_tiny(1), str(path), use_ema=True)
 
 
 class _RunsCode:
@@ -210,7 +210,7 @@ def test_pickled_code_is_refused_not_run(legacy, tmp_path):
                _use_new_zipfile_serialization=not legacy)
 
     with pytest.raises(CheckpointError, match=r'outside the allowlist \(.*open.*\); nothing was run'):
-        load_checkpoint(_tiny(1), str(path))
+        load_weights(_tiny(1), str(path))
     assert not marker.exists()
 
     # The payload is live: an unrestricted load would have run it.
@@ -225,13 +225,13 @@ def test_truncated_checkpoint(tmp_path):
     cut = tmp_path / 'cut.pth'
     cut.write_bytes(data[:len(data) // 2])
     with pytest.raises(CheckpointError, match='truncated or corrupt'):
-        load_checkpoint(_tiny(1), str(cut))
+        load_weights(_tiny(1), str(cut))
 
     legacy = tmp_path / 'legacy.pth'
     torch.save({'state_dict': _tiny(0).state_dict()}, legacy, _use_new_zipfile_serialization=False)
     legacy.write_bytes(legacy.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match='truncated or corrupt'):
-        load_checkpoint(_tiny(1), str(legacy))
+        load_weights(_tiny(1), str(legacy))
 
 
 @pytest.mark.parametrize(
@@ -240,19 +240,19 @@ def test_not_a_checkpoint(content, tmp_path):
     path = tmp_path / 'weights.pth'
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match='is not a PyTorch checkpoint'):
-        load_checkpoint(_tiny(0), str(path))
+        load_weights(_tiny(0), str(path))
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match='does not exist'):
-        load_checkpoint(_tiny(0), str(tmp_path / 'nope.pth'))
+        load_weights(_tiny(0), str(tmp_path / 'nope.pth'))
 
 
 def test_checkpoint_without_weights(tmp_path):
     path = tmp_path / 'opt_only.pth'
     torch.save({'optimizer': {'state': {}}, 'epoch': 1}, path)
     with pytest.raises(CheckpointError, match="has no weights.*found keys \\['epoch', 'optimizer'\\]"):
-        load_checkpoint(_tiny(0), str(path))
+        load_weights(_tiny(0), str(path))
 
 
 def test_checkpoint_of_another_model_lists_keys(tmp_path):
@@ -262,7 +262,7 @@ def test_checkpoint_of_another_model_lists_keys(tmp_path):
     dst = _tiny(1)
     before = {k: v.clone() for k, v in dst.state_dict().items()}
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(dst, str(path))
+        load_weights(dst, str(path))
     msg = str(info.value)
     assert '\n' not in msg
     assert 'does not fit model test_resnet' in msg
@@ -276,7 +276,7 @@ def test_wrong_num_classes_names_shapes(tmp_path):
     torch.manual_seed(0)
     dst = timm.create_model(TINY_MODEL, num_classes=1000)
     with pytest.raises(CheckpointError, match=r'2 mis-shaped \[fc.weight \(10, .*\) vs model \(1000, .*\)'):
-        load_checkpoint(dst, str(path))
+        load_weights(dst, str(path))
 
 
 def test_state_dict_mismatch_lists():
@@ -311,14 +311,14 @@ def test_model_module_filter_fn_is_applied(tmp_path, monkeypatch):
     path = tmp_path / 'foreign.pth'
     torch.save({'state_dict': {k.replace('head.', 'classifier.'): v for k, v in src.state_dict().items()}}, path)
     dst = Net()
-    load_checkpoint(dst, str(path))
+    load_weights(dst, str(path))
     _assert_same_weights(dst, src.state_dict())
     with pytest.raises(CheckpointError, match=r'missing \[head.weight, head.bias\]'):
-        load_checkpoint(Net(), str(path), filter_fn=lambda sd, model: sd)
+        load_weights(Net(), str(path), filter_fn=lambda sd, model: sd)
 
 
 def test_not_a_dict(tmp_path):
     path = tmp_path / 'list.pth'
     torch.save([torch.zeros(1)], path)
     with pytest.raises(CheckpointError, match='holds a list, not a state_dict'):
-        load_checkpoint(_tiny(0), str(path))
+        load_weights(_tiny(0), str(path))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import models  # noqa: F401  (registers the models)
-from models._helpers import load_checkpoint
+from models._helpers import load_weights
 from models.g_resnext import GResNet
 from models.layers.dgconv import DGConv2d, binarize_ste
 
@@ -196,7 +196,7 @@ def test_torchvision_format_checkpoint_loads(tmp_path):
     state = {'module.' + k: v for k, v in trained.state_dict().items()}
     torch.save({'arch': 'g_resnext50', 'epoch': 120, 'state_dict': state, 'best_acc1': 78.6}, path)
     fresh = timm.create_model('g_resnext50', num_classes=5, **TINY).eval()
-    meta = load_checkpoint(fresh, str(path))  # validate.py's loader
+    meta = load_weights(fresh, str(path))  # validate.py's loader
     assert meta['weights_key'] == 'state_dict' and meta['arch'] == 'g_resnext50'
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(fresh(x), trained(x))
@@ -235,7 +235,7 @@ def test_two_epoch_demo_training_with_regularizer_learns_groups(tiny_imagefolder
     result = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     trained = timm.create_model('g_resnext50', **kwargs)
-    load_checkpoint(trained, str(tmp_path / 'reg' / 'last.pth.tar'))
+    load_weights(trained, str(tmp_path / 'reg' / 'last.pth.tar'))
     for name, m in trained.dgconv_layers().items():
         assert m.gate.sum() < 0, name  # the regularizer's gradient is positive for every gate
     groups = trained.training_hook_log()

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import models  # noqa: F401  (registers the models)
-from models._helpers import SAFE_GLOBALS, CheckpointError, load_checkpoint
+from models._helpers import SAFE_GLOBALS, CheckpointError, load_weights
 from models.dwnet import DWBlock, DWNetBlock, PatchMerging, checkpoint_filter_fn
 from models.layers.dynamic_dw import DynamicDWConv, IDynamicDWConv
 from ops import HAS_EXT
@@ -326,7 +326,7 @@ def original_checkpoint(tmp_path, monkeypatch):
 def test_original_checkpoint_loads_strictly(original_checkpoint):
     path, trained = original_checkpoint
     model = _narrow('dynamic_dwnet_tiny_patch4_window7_224').eval()
-    meta = load_checkpoint(model, str(path))
+    meta = load_weights(model, str(path))
     assert (meta['weights_key'], meta['epoch'], meta['max_accuracy']) == ('model', 299, 81.8)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -342,7 +342,7 @@ def test_original_checkpoint_loads_strictly(original_checkpoint):
 def test_original_checkpoint_does_not_fit_other_variants(original_checkpoint):
     path, _ = original_checkpoint
     with pytest.raises(CheckpointError, match='does not fit'):
-        load_checkpoint(_narrow('i_dynamic_dwnet_tiny_patch4_window7_224'), str(path))
+        load_weights(_narrow('i_dynamic_dwnet_tiny_patch4_window7_224'), str(path))
 
 
 def test_static_checkpoint_into_dynamic_model_is_refused_in_one_line():

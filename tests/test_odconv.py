@@ -11,7 +11,7 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 import models  # noqa: F401  (registers the od_* models)
-from models._helpers import load_checkpoint
+from models._helpers import load_weights
 from models.layers import odconv
 from models.layers.odconv import ODConv2d, odconv_temperature
 from scripts.model_info import count_params_and_macs
@@ -358,7 +358,7 @@ def test_release_checkpoint_format_loads(tmp_path):
     torch.save({'epoch': 150, 'state_dict': {'module.' + k: v for k, v in trained.state_dict().items()},
                 'acc': torch.tensor(68.0), 'best_acc': torch.tensor(68.06), 'optimizer': optimizer.state_dict()}, path)
     model = timm.create_model('od_mobilenetv2_050', kernel_num=2)
-    meta = load_checkpoint(model, str(path))
+    meta = load_weights(model, str(path))
     assert meta['epoch'] == 150
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model.eval()(x), trained.eval()(x))

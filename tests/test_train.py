@@ -58,16 +58,6 @@ def _assert_same_tensors(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.fixture
-def in_process(monkeypatch):
-    """Runs train.main in this process on one thread, with timm's root-logger setup left out (pytest captures)."""
-    monkeypatch.setattr(train.utils, 'setup_default_logging', lambda *a, **k: None)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield train.main
-    torch.set_num_threads(threads)
-
-
 def _fails(main, argv, *needles):
     """main(argv) must end with one 'train.py: error:' line naming all needles (no other exception)."""
     with pytest.raises(SystemExit) as e:

@@ -12,6 +12,7 @@ import timm
 import torch
 
 import validate
+from models._helpers import CheckpointError, load_checkpoint_file
 from tests.conftest import TINY_NUM_CLASSES, TINY_VAL_PER_CLASS
 
 TINY_MODEL = 'test_resnet'
@@ -186,3 +187,63 @@ def test_cli_errors_have_no_traceback(tiny_imagefolder, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if 'error' in line]
     assert errors == [f'validate.py: error: {not_ckpt} is not a PyTorch checkpoint (not written by torch.save): '
                       'pass a .pth/.pth.tar file']
+
+
+# --- a train.py run validated from its checkpoint alone ---
+
+@pytest.fixture(scope='module')
+def trained_run(tiny_imagefolder, tmp_path_factory):
+    """A 1-epoch train.py run whose model and eval transforms are not the defaults: validating it needs them all."""
+    out = tmp_path_factory.mktemp('runs')
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, 'train.py'), '--data-dir', tiny_imagefolder, '--model', TINY_MODEL,
+         '--model-kwargs', 'stem_width=8', '--img-size', '32', '--crop-pct', '1.0', '--interpolation', 'bicubic',
+         '--mean', '0.4', '0.4', '0.4', '--std', '0.3', '0.3', '0.3', '-b', '16', '-j', '0', '--epochs', '1',
+         '--warmup-epochs', '0', '--lr', '0.05', '--device', 'cpu', '--output', str(out), '--experiment', 'run'],
+        cwd=out, env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO), capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / 'run'
+
+
+def test_validate_a_run_from_its_checkpoint_alone(trained_run, tiny_imagefolder, tmp_path, caplog):
+    with open(trained_run / 'summary.csv', newline='') as f:
+        run_top1 = float(list(csv.DictReader(f))[-1]['eval_top1'])
+    runtime = ['-b', '16', '-j', '0', '--device', 'cpu']
+    best = trained_run / 'model_best.pth.tar'
+    for checkpoint in (best, trained_run):  # the file, or the run folder
+        results = validate.validate_one(validate.parse_args([tiny_imagefolder, '--checkpoint', str(checkpoint),
+                                                             *runtime]))
+        assert (results['model'], results['checkpoint']) == (TINY_MODEL, str(best))
+        assert (results['img_size'], results['crop_pct'], results['interpolation']) == (32, 1.0, 'bicubic')
+        assert results['top1'] == pytest.approx(run_top1, abs=1e-3)
+
+    # a checkpoint without saved args: the run's args.yaml beside it gives them
+    copy = tmp_path / 'run'
+    shutil.copytree(trained_run, copy)
+    weights_only = load_checkpoint_file(str(best))
+    del weights_only['args']
+    torch.save(weights_only, copy / 'model_best.pth.tar')
+    results = validate.validate_one(validate.parse_args([tiny_imagefolder, '--checkpoint', str(copy), *runtime]))
+    assert results['top1'] == pytest.approx(run_top1, abs=1e-3)
+
+    # flags on the command line win; the conflicts are one warning line
+    caplog.clear()
+    results = validate.validate_one(validate.parse_args([tiny_imagefolder, '--checkpoint', str(best), *runtime,
+                                                         '--img-size', '40', '--crop-pct', '1.0']))
+    assert results['img_size'] == 40
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    assert warnings == [f'The command line overrides the args saved in {best}: --img-size 40 (run: 32).']
+    with pytest.raises(CheckpointError, match='does not fit model test_resnet'):
+        validate.validate_one(validate.parse_args([tiny_imagefolder, '--checkpoint', str(best), *runtime,
+                                                   '--model-kwargs', 'stem_width=16']))
+    assert 'stem_width=16 (run: 8)' in caplog.text
+
+    # a file that names no model
+    plain = tmp_path / 'plain' / 'weights.pth'
+    plain.parent.mkdir()
+    torch.save(weights_only['state_dict'], plain)
+    with pytest.raises(SystemExit, match=f'validate.py: error: {plain} does not name its model .*pass --model'):
+        validate.main([tiny_imagefolder, '--checkpoint', str(plain), *runtime])
+    with pytest.raises(SystemExit, match='holds no model_best.pth.tar or last.pth.tar'):
+        validate.main([tiny_imagefolder, '--checkpoint', str(plain.parent), *runtime])

@@ -15,17 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.init import calculate_gain
 
-from ops import ddf, ddf_reference
+from ops import ddf_impl
 
 __all__ = ['FilterNorm', 'DDFPack', 'DDFUpPack']
-
-_DDF_IMPLS = {'ext': ddf, 'reference': ddf_reference}
-
-
-def _get_ddf_impl(impl: str):
-    if impl not in _DDF_IMPLS:
-        raise ValueError(f"impl must be one of {sorted(_DDF_IMPLS)}, got '{impl}'")
-    return _DDF_IMPLS[impl]
 
 
 class FilterNorm(nn.Module):
@@ -228,7 +220,7 @@ class DDFPack(nn.Module):
         self.head = head
         self.kernel_combine = kernel_combine
         self.impl = impl
-        self._ddf = _get_ddf_impl(impl)
+        self._ddf = ddf_impl(impl)
         self.spatial_branch = _spatial_branch(
             in_channels, kernel_size, head, nonlinearity, stride, gen_kernel_size, dd)
         self.channel_branch = _channel_branch(in_channels, kernel_size, nonlinearity, se_ratio, dd)
@@ -302,7 +294,7 @@ class DDFUpPack(nn.Module):
         self.head = head
         self.kernel_combine = kernel_combine
         self.impl = impl
-        self._ddf = _get_ddf_impl(impl)
+        self._ddf = ddf_impl(impl)
         if joint_channels > 0:
             gen_kernel_size = max(gen_kernel_size, 3)
         else:

@@ -13,22 +13,12 @@ are that release's, so its checkpoints load with `strict=True`.
 The original computes `DynamicDWConv` as one conv over the batch folded into B*C groups; on CPU (2 threads, whole
 dynamic_dwnet_tiny, alternating runs) ddf measured slightly faster for both inference and training, so it is used.
 """
-from typing import Callable, Dict
-
 import torch
 from torch import nn
 
-from ops import ddf, ddf_reference
+from ops import ddf_impl
 
 __all__ = ['DynamicDWConv', 'IDynamicDWConv']
-
-_DDF_IMPLS: Dict[str, Callable[..., torch.Tensor]] = {'ext': ddf, 'reference': ddf_reference}
-
-
-def _get_ddf(impl: str) -> Callable[..., torch.Tensor]:
-    if impl not in _DDF_IMPLS:
-        raise ValueError(f"impl must be one of {sorted(_DDF_IMPLS)}, got {impl!r}")
-    return _DDF_IMPLS[impl]
 
 
 class DynamicDWConv(nn.Module):
@@ -60,7 +50,7 @@ class DynamicDWConv(nn.Module):
         self.dim = dim
         self.kernel_size = kernel_size
         self.impl = impl
-        self._ddf = _get_ddf(impl)
+        self._ddf = ddf_impl(impl)
         self.conv1 = nn.Conv2d(dim, dim // reduction, 1, bias=False)
         self.bn = nn.BatchNorm2d(dim // reduction)
         self.relu = nn.ReLU(inplace=True)
@@ -117,7 +107,7 @@ class IDynamicDWConv(nn.Module):
         self.kernel_size = kernel_size
         self.groups = dim // group_channels
         self.impl = impl
-        self._ddf = _get_ddf(impl)
+        self._ddf = ddf_impl(impl)
         self.conv1 = nn.Sequential(
             nn.Conv2d(dim, dim // reduction, 1),
             nn.BatchNorm2d(dim // reduction),

@@ -493,6 +493,10 @@ class ODConvTrainingHooks:
         """Anneals the temperature for `epochs` (fractional) epochs done (linear temp_init -> 1 over temp_epochs)."""
         self.set_temperature(odconv_temperature(epochs, self.temp_init, self.temp_epochs))
 
+    def auxiliary_loss(self) -> None:
+        """ODConv adds nothing to the loss."""
+        return None
+
     def training_hook_log(self) -> dict:
         attentions = self._od_attentions()
         return {'temperature': float(attentions[0].temperature) if attentions else 1.}
