@@ -685,10 +685,10 @@ class ODConv2d(nn.Module):
         return out.contiguous(memory_format=_memory_format(x))
 
     def _forward_grouped(self, x, channel, filter_, spatial, kernel):
-        """Per-sample kernels (the release's scheme, kernel_num aggregated by a matmul) convolved sample by sample
-        (`_conv_sample_weights`). The channel and filter attentions scale the kernels of dense convs when those are
-        smaller than the activations; depth-wise convs (no filter attention) always take the channel attention on
-        their k x k kernels."""
+        """Per-sample kernels (the release's scheme, kernel_num aggregated by a matmul) and `_conv_sample_weights`
+        (groups = batch, or sample by sample for large dense convs on CPU). The channel and filter attentions scale
+        the kernels of dense convs when those are smaller than the activations; depth-wise convs (no filter
+        attention) always take the channel attention on their k x k kernels."""
         batch_size = x.shape[0]
         weight = self._sample_weights(spatial, kernel, batch_size)
         if filter_ is None:
