@@ -7,6 +7,7 @@ Every convolution except the stem is an `ODConv2d` (depth-wise ones without filt
 the release's (`features.<i>`, `classifier.1`), so its state_dicts load with strict=True; the class follows timm's
 model contract. Entrypoint kwargs: `kernel_num` (default 1), `reduction` (0.0625), `temp_init`, `temp_epochs`.
 """
+import math
 from typing import Any, Dict, List, Optional, Union
 
 import torch
@@ -65,6 +66,7 @@ class ODMobileNetV2(ODConvTrainingHooks, nn.Module):
             num_classes: int = 1000,
             in_chans: int = 3,
             width_mult: float = 1.0,
+            depth_mult: float = 1.0,
             round_nearest: int = 8,
             num_features: int = 1280,
             global_pool: str = 'avg',
@@ -79,6 +81,8 @@ class ODMobileNetV2(ODConvTrainingHooks, nn.Module):
             num_classes: Classifier outputs (0: no classifier).
             in_chans: Input image channels.
             width_mult: Channel multiplier of every stage (the head keeps >= `num_features` channels).
+            depth_mult: Block multiplier of every stage (ceil(repeats * depth_mult) blocks, as timm's
+                `depth_multiplier`); the release has 1.0, smaller values make quick variants for tests.
             round_nearest: Channel counts are rounded to multiples of this.
             num_features: Head conv channels at width 1.0.
             global_pool: 'avg' or '' (no pooling in forward_head).
@@ -110,7 +114,7 @@ class ODMobileNetV2(ODConvTrainingHooks, nn.Module):
                 self.feature_info.append(
                     dict(num_chs=in_chs, reduction=reduction_now, module=f'features.{len(features) - 1}'))
                 reduction_now *= s
-            for i in range(n):
+            for i in range(math.ceil(n * depth_mult)):
                 features.append(ODInvertedResidual(in_chs, out_chs, s if i == 0 else 1, t, **od_kwargs))
                 in_chs = out_chs
         self.num_features = self.head_hidden_size = make_divisible(num_features * max(1.0, width_mult), round_nearest)

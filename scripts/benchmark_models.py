@@ -10,9 +10,15 @@ Inference: eval mode, `torch.inference_mode`, img/s over timed batches after war
 per phase; on CPU the peak process RSS sampled during the phase minus the RSS before the model was built (so it
 includes the weights and the optimizer state).
 
+`--torchcompile [BACKEND]` (timm's option, with `--torchcompile-mode`) runs every model a second time under
+`torch.compile` in the same process: a compiled row follows each eager one, its ratios are against the compiled
+baseline and against the same model in eager mode, and its first call of each phase (the compilation) is timed
+apart from the warm-up and the timed batches.
+
 Usage:
     python scripts/benchmark_models.py --output benchmarks/models.md
     python scripts/benchmark_models.py --device cuda --amp --channels-last -b 64 --families odconv,ddf
+    python scripts/benchmark_models.py --torchcompile --families odconv,dwnet
 """
 import argparse
 import ctypes
@@ -107,16 +113,19 @@ def _timed(step, device: torch.device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def _phase(step, device: torch.device, warmup: int, iters: int, rss_base: int):
-    """(seconds per step, peak memory in bytes) of one phase."""
+def _phase(step, device: torch.device, warmup: int, iters: int, rss_base: int, compiled: bool):
+    """(seconds per step, peak memory in bytes, seconds of the first call if `compiled` else None) of one phase."""
+    compile_seconds = None
+    if compiled:  # the first call compiles: timed apart, not a warm-up step
+        compile_seconds = _timed(step, device, 0, 1)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
         seconds = _timed(step, device, warmup, iters)
-        return seconds, torch.cuda.max_memory_allocated(device)
+        return seconds, torch.cuda.max_memory_allocated(device), compile_seconds
     _release_memory()
     with _RssPeak() as rss:
         seconds = _timed(step, device, warmup, iters)
-    return seconds, rss.peak - rss_base
+    return seconds, rss.peak - rss_base, compile_seconds
 
 
 def benchmark_model(
@@ -130,29 +139,35 @@ def benchmark_model(
         amp_dtype: Optional[torch.dtype] = None,
         channels_last: bool = False,
         train: bool = True,
+        compile_args: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
-    """Inference and training img/s and peak memory of one model at batch_size x 3 x img_size x img_size."""
+    """Inference and training img/s and peak memory of one model at batch_size x 3 x img_size x img_size, eager or
+    under `torch.compile(**compile_args)`."""
     _release_memory()
+    torch._dynamo.reset()  # models of one class share `forward`'s compile cache (and its recompile limit)
     rss_base = _RssPeak().rss() if device.type == 'cpu' else 0
-    model = timm.create_model(name, **kwargs).to(device)
+    module = timm.create_model(name, **kwargs).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    module = module.to(memory_format=memory_format)
+    model = module if compile_args is None else torch.compile(module, **compile_args)
     x = torch.randn(batch_size, 3, img_size, img_size, device=device).contiguous(memory_format=memory_format)
     target = torch.randint(0, model.num_classes, (batch_size,), device=device)
     autocast = partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else nullcontext
 
-    model.eval()
+    module.eval()
 
     def infer():
         with torch.inference_mode(), autocast():
             model(x)
 
-    result = dict(model=name, kwargs=kwargs, params_m=sum(p.numel() for p in model.parameters()) / 1e6)
-    seconds, peak = _phase(infer, device, warmup, iters, rss_base)
-    result.update(infer_img_s=batch_size / seconds, infer_peak_mb=peak / 2 ** 20)
+    compiled = compile_args is not None
+    result = dict(model=name, kwargs=kwargs, params_m=sum(p.numel() for p in module.parameters()) / 1e6,
+                  compiled=compiled)
+    seconds, peak, compile_seconds = _phase(infer, device, warmup, iters, rss_base, compiled)
+    result.update(infer_img_s=batch_size / seconds, infer_peak_mb=peak / 2 ** 20, infer_compile_s=compile_seconds)
     if train:
-        model.train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        module.train()
+        optimizer = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
         criterion = torch.nn.CrossEntropyLoss()
 
         def train_step():
@@ -162,9 +177,9 @@ def benchmark_model(
             loss.backward()
             optimizer.step()
 
-        seconds, peak = _phase(train_step, device, warmup, iters, rss_base)
-        result.update(train_img_s=batch_size / seconds, train_peak_mb=peak / 2 ** 20)
-    del model
+        seconds, peak, compile_seconds = _phase(train_step, device, warmup, iters, rss_base, compiled)
+        result.update(train_img_s=batch_size / seconds, train_peak_mb=peak / 2 ** 20, train_compile_s=compile_seconds)
+    del model, module
     if device.type == 'cuda':
         torch.cuda.empty_cache()
     return result
@@ -173,6 +188,9 @@ def benchmark_model(
 def run_benchmarks(args: argparse.Namespace) -> List[Dict[str, Any]]:
     device = torch.device(args.device)
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
+    modes = [None]
+    if args.torchcompile:
+        modes.append(dict(backend=args.torchcompile, mode=args.torchcompile_mode))
     rows = []
     for family in args.families.split(','):
         baseline, dynamic = PAIRS[family]
@@ -180,20 +198,26 @@ def run_benchmarks(args: argparse.Namespace) -> List[Dict[str, Any]]:
             if not timm.is_model(name):
                 _logger.warning(f'{name} is not registered; skipped')
                 continue
-            _logger.info(f'{family}: {name} {kwargs}')
-            row = benchmark_model(
-                name, {**kwargs, **args.model_kwargs}, device, args.batch_size, args.img_size, args.warmup,
-                args.iters, amp_dtype=amp_dtype, channels_last=args.channels_last, train=not args.no_train)
-            row.update(family=family, kind=kind, baseline=baseline)
-            rows.append(row)
-            _logger.info(
-                f'  infer {row["infer_img_s"]:.1f} img/s' +
-                (f', train {row["train_img_s"]:.1f} img/s' if 'train_img_s' in row else ''))
+            for compile_args in modes:
+                _logger.info(f'{family}: {name} {kwargs}' + (' compiled' if compile_args else ''))
+                row = benchmark_model(
+                    name, {**kwargs, **args.model_kwargs}, device, args.batch_size, args.img_size, args.warmup,
+                    args.iters, amp_dtype=amp_dtype, channels_last=args.channels_last, train=not args.no_train,
+                    compile_args=compile_args)
+                row.update(family=family, kind=kind, baseline=baseline)
+                rows.append(row)
+                _logger.info(
+                    f'  infer {row["infer_img_s"]:.1f} img/s' +
+                    (f', train {row["train_img_s"]:.1f} img/s' if 'train_img_s' in row else ''))
     for row in rows:
-        base = next(r for r in rows if r['family'] == row['family'] and r['kind'] == 'baseline')
+        base = next(r for r in rows if r['family'] == row['family'] and r['kind'] == 'baseline'
+                    and r['compiled'] == row['compiled'])
+        eager = next(r for r in rows if r['family'] == row['family'] and r['model'] == row['model']
+                     and r['kwargs'] == row['kwargs'] and not r['compiled'])
         for key in ('infer_img_s', 'train_img_s'):
             if key in row:
                 row[key + '_ratio'] = row[key] / base[key]
+                row[key + '_vs_eager'] = row[key] / eager[key]
     return rows
 
 
@@ -214,27 +238,48 @@ def to_markdown(rows: List[Dict[str, Any]], args: argparse.Namespace, command: s
     device = torch.device(args.device)
     precision = f'autocast {args.amp_dtype}' if args.amp else 'float32'
     memory = 'max allocated' if device.type == 'cuda' else 'peak RSS above the pre-model baseline'
+    compiled = bool(args.torchcompile)
     lines = [
         f'### {args.device.upper()}, batch {args.batch_size}, {args.img_size}x{args.img_size}, {precision}'
-        f'{", channels_last" if args.channels_last else ""}',
+        f'{", channels_last" if args.channels_last else ""}'
+        f'{f", eager and torch.compile ({args.torchcompile})" if compiled else ""}',
         '',
         f'- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC',
         f'- Machine: {machine_description(device)}',
         f'- Command: `{command}`',
         f'- {args.warmup} warm-up + {args.iters} timed batches per phase; memory = {memory}.',
-        '',
-        '| family | model | kwargs | params (M) | infer img/s | vs baseline | train img/s | vs baseline '
-        '| infer peak MB | train peak MB |',
-        '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
     ]
+    if compiled:
+        lines.append('- Compiled rows: "vs baseline" against the compiled baseline, "vs eager" against the same model '
+                     'in eager mode; "compile s" is the first call of each phase (inference / training).')
+    header = ['family', 'model', 'kwargs']
+    if compiled:
+        header.append('mode')
+    header += ['params (M)', 'infer img/s', 'vs baseline']
+    if compiled:
+        header.append('vs eager')
+    header += ['train img/s', 'vs baseline']
+    if compiled:
+        header += ['vs eager', 'compile s']
+    header += ['infer peak MB', 'train peak MB']
+    lines += ['', '| ' + ' | '.join(header) + ' |',
+              '| --- | --- | --- |' + ' --- |' * compiled + ' ---: |' * (len(header) - 3 - compiled)]
     for r in rows:
-        kwargs = ' '.join(f'{k}={v}' for k, v in r['kwargs'].items())
-        name = f'`{r["model"]}`' + (' (baseline)' if r['kind'] == 'baseline' else '')
-        train = (f'{r["train_img_s"]:.1f} | {r["train_img_s_ratio"]:.2f}x' if 'train_img_s' in r else '- | -')
-        train_mb = f'{r["train_peak_mb"]:.0f}' if 'train_peak_mb' in r else '-'
-        lines.append(
-            f'| {r["family"]} | {name} | {kwargs} | {r["params_m"]:.2f} | {r["infer_img_s"]:.1f} | '
-            f'{r["infer_img_s_ratio"]:.2f}x | {train} | {r["infer_peak_mb"]:.0f} | {train_mb} |')
+        cells = [r['family'], f'`{r["model"]}`' + (' (baseline)' if r['kind'] == 'baseline' else ''),
+                 ' '.join(f'{k}={v}' for k, v in r['kwargs'].items())]
+        if compiled:
+            cells.append('compiled' if r['compiled'] else 'eager')
+        cells += [f'{r["params_m"]:.2f}', f'{r["infer_img_s"]:.1f}', f'{r["infer_img_s_ratio"]:.2f}x']
+        if compiled:
+            cells.append(f'{r["infer_img_s_vs_eager"]:.2f}x' if r['compiled'] else '-')
+        trained = 'train_img_s' in r
+        cells += [f'{r["train_img_s"]:.1f}' if trained else '-', f'{r["train_img_s_ratio"]:.2f}x' if trained else '-']
+        if compiled:
+            cells.append(f'{r["train_img_s_vs_eager"]:.2f}x' if trained and r['compiled'] else '-')
+            seconds = [r[k] for k in ('infer_compile_s', 'train_compile_s') if r.get(k) is not None]
+            cells.append(' / '.join(f'{t:.0f}' for t in seconds) if seconds else '-')
+        cells += [f'{r["infer_peak_mb"]:.0f}', f'{r["train_peak_mb"]:.0f}' if trained else '-']
+        lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
 
@@ -252,6 +297,9 @@ def main(argv=None) -> int:
     parser.add_argument('--amp-dtype', default='bfloat16', choices=['float16', 'bfloat16'], help='autocast dtype')
     parser.add_argument('--channels-last', action='store_true', help='channels_last memory format')
     parser.add_argument('--no-train', action='store_true', help='inference only')
+    parser.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                        help='also run every model under torch.compile with this backend (default inductor)')
+    parser.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                         help='key=value arguments added to every model (e.g. num_classes=10)')
     parser.add_argument('--output', default='', help='append the markdown section to this file')
@@ -266,6 +314,11 @@ def main(argv=None) -> int:
     for flag in ('batch_size', 'img_size', 'iters'):
         if getattr(args, flag) < 1:
             parser.error(f'--{flag.replace("_", "-")} must be at least 1')
+    if args.torchcompile and args.torchcompile not in torch.compiler.list_backends(exclude_tags=()):
+        parser.error(f'--torchcompile {args.torchcompile}: unknown backend; choose from '
+                     f'{", ".join(torch.compiler.list_backends())}')
+    if args.torchcompile_mode and not args.torchcompile:
+        parser.error('--torchcompile-mode needs --torchcompile')
     words = ['scripts/benchmark_models.py', *(sys.argv[1:] if argv is None else argv)]
     command = 'python ' + ' '.join(shlex.quote(w) for w in words)
     table = to_markdown(run_benchmarks(args), args, command)

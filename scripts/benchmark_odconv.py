@@ -10,16 +10,17 @@ drift of a shared, noisy machine):
 * `models`: od_resnet50 (and any `--models`) with the released formulation and with ODConv2d's own, vs timm's
   resnet50, inference (batch 8, 224x224) and a training step (batch 8, 160x160, SGD).
 
-Formulations (all exact; `test_odconv.py` checks ODConv2d against the released one):
-    released  the original forward: per-sample kernels from the broadcast product of the attentions with all
-              kernel_num kernels, then one conv with groups = batch; point-wise kernel_num 1 is a plain conv.
-    ours      ODConv2d.forward (the module's code): grouped below, unfold on output maps <= 64 pixels; point-wise
-              with several kernels: per-sample convs without autograd, else grouped, bmm on maps <= 64 pixels.
-    grouped   per-sample kernels (kernel_num aggregated by a matmul, not the release's broadcast-and-sum), channel
-              and filter attentions on activations, one conv with groups = batch.
-    unfold    k x k convs as im2col + GEMM at every size; the columns carry the spatial and channel attentions, so
-              kernel_num 1 multiplies the *static* weight (one GEMM for the whole batch).
-    bmm       ours, but point-wise convs with several kernels always as one bmm of per-sample weights.
+Formulations (all exact; tests/test_odconv.py checks each of ODConv2d's paths against the released one):
+    released  `ODConv2d(impl='released')`, the original forward: per-sample kernels from the broadcast product of
+              the attentions with all kernel_num kernels, then one conv with groups = batch; point-wise kernel_num 1
+              is a plain conv.
+    ours      ODConv2d's default: the path `ODConv2d._select_path` picks for each call (its docstring tables them).
+    traced    the formulation torch.compile and torch.export trace, run eagerly: per-sample kernels (kernel_num
+              aggregated by a matmul), channel and filter attentions on activations, the per-sample convolution
+              op (groups = batch, or one conv per sample for large dense convs on CPU).
+    unfold    ours, but every dense k x k conv as im2col + GEMM; the columns carry the spatial and channel attentions,
+              so kernel_num 1 multiplies the *static* weight (one GEMM for the whole batch).
+    bmm       ours, but every dense point-wise conv with several kernels as the blockwise bmm of per-sample weights.
 Options: --channels-last, --bf16 (autocast).
 
 Example:
@@ -32,6 +33,7 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,70 +46,35 @@ import models  # noqa: E402,F401  (registers the od_* models)
 from models.layers.odconv import ODConv2d  # noqa: E402
 
 
-def released_forward(self: ODConv2d, x: torch.Tensor) -> torch.Tensor:
-    """The release's formulation (modules/odconv.py `_forward_impl_common` / `_forward_impl_pw1x`)."""
-    channel, filter_, spatial, kernel = self.attention(x)
-    batch, _, height, width = x.shape
-    x = x * channel[:, :, None, None]
-    if self.kernel_size == 1 and self.kernel_num == 1:
-        out = F.conv2d(x, self.weight[0], None, self.stride, self.padding, self.dilation, self.groups)
-    else:
-        k = self.kernel_size
-        spatial = 1. if spatial is None else spatial.view(batch, 1, 1, 1, k, k)
-        kernel = 1. if kernel is None else kernel.view(batch, -1, 1, 1, 1, 1)
-        weight = (spatial * kernel * self.weight.unsqueeze(0)).sum(1).reshape(-1, self.in_chs // self.groups, k, k)
-        out = F.conv2d(x.reshape(1, -1, height, width), weight, None, self.stride, self.padding, self.dilation,
-                       self.groups * batch)
-        out = out.view(batch, self.out_chs, *out.shape[2:])
-    return out if filter_ is None else out * filter_[:, :, None, None]
+def _forced_path(path_for: Callable[[ODConv2d], Optional[str]]):
+    """A `_select_path` that takes the path `path_for(layer)` names, else the module's own choice."""
+    def select_path(self: ODConv2d, x: torch.Tensor):
+        name = path_for(self)
+        return getattr(self, name) if name else ODConv2d._select_path(self, x)
+    return select_path
 
 
-def grouped_forward(self: ODConv2d, x: torch.Tensor) -> torch.Tensor:
-    """ODConv2d.forward without its im2col path: dense k x k convs always use per-sample kernels + groups = batch."""
-    if self.kernel_size == 1 or self.groups == self.in_chs:
-        return ODConv2d.forward(self, x)
-    channel, filter_, spatial, kernel = self.attention(x)
-    batch = x.shape[0]
-    weight = self._sample_weights(spatial, kernel, batch)
-    x = x * channel[:, :, None, None]
-    out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]), None, self.stride,
-                   self.padding, self.dilation, self.groups * batch)
-    return out.view(batch, self.out_chs, *out.shape[2:]) * filter_[:, :, None, None]
-
-
-def unfold_forward(self: ODConv2d, x: torch.Tensor) -> torch.Tensor:
-    """ODConv2d.forward with its im2col path at every map size (dense k x k convs)."""
-    if self.kernel_size == 1 or self.groups != 1:
-        return ODConv2d.forward(self, x)
-    channel, filter_, spatial, kernel = self.attention(x)
-    return self._forward_unfold(x, channel, spatial, kernel) * filter_[:, :, None, None]
-
-
-def bmm_forward(self: ODConv2d, x: torch.Tensor) -> torch.Tensor:
-    """ODConv2d.forward with every point-wise conv with several kernels as one bmm of per-sample weights."""
-    if self.kernel_size != 1 or self.kernel_num == 1 or self.groups != 1 or self.padding:
-        return ODConv2d.forward(self, x)
-    channel, filter_, _, kernel = self.attention(x)
-    batch = x.shape[0]
-    x = x[:, :, ::self.stride, ::self.stride]
-    weight = self._sample_weights(None, kernel, batch).view(batch, self.out_chs, self.in_chs)
-    if x.shape[2] * x.shape[3] < self.out_chs:
-        x = x * channel[:, :, None, None]
-    else:
-        weight = weight * channel[:, None, :]
-    out = torch.bmm(weight, x.reshape(batch, self.in_chs, -1)).view(batch, self.out_chs, *x.shape[2:])
-    return out * filter_[:, :, None, None]
+def _is_dense_pointwise(m: ODConv2d) -> bool:
+    return m.kernel_size == 1 and m.groups == 1 and m.padding == 0
 
 
 FORMULATIONS = {
-    'released': released_forward, 'ours': ODConv2d.forward, 'grouped': grouped_forward, 'unfold': unfold_forward,
-    'bmm': bmm_forward}
+    'released': None,
+    'ours': None,
+    'traced': _forced_path(
+        lambda m: '_forward_static' if m.kernel_size == 1 and m.kernel_num == 1 else '_forward_traced'),
+    'unfold': _forced_path(lambda m: '_forward_unfold' if m.kernel_size > 1 and m.groups == 1 else None),
+    'bmm': _forced_path(lambda m: '_forward_pointwise_bmm' if _is_dense_pointwise(m) and m.kernel_num > 1 else None),
+}
 
 
 def use_formulation(model: torch.nn.Module, name: str) -> torch.nn.Module:
     for m in model.modules():
         if isinstance(m, ODConv2d):
-            m.forward = types.MethodType(FORMULATIONS[name], m)
+            if name == 'released':
+                m.impl = 'released'
+            elif FORMULATIONS[name] is not None:
+                m._select_path = types.MethodType(FORMULATIONS[name], m)
     return model
 
 

@@ -20,9 +20,10 @@ from scripts.model_zoo import published_overhead
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / 'reference'
 OD_MODELS = sorted(timm.list_models(module=('od_resnet', 'od_mobilenetv2')))
-# (in, out, kernel_size, stride, groups): point-wise, 3x3, strided 3x3, depth-wise, grouped, strided point-wise.
-LAYER_CASES = [(8, 12, 1, 1, 1), (8, 12, 3, 1, 1), (8, 12, 3, 2, 1), (8, 8, 3, 2, 8), (8, 12, 3, 1, 4),
-               (8, 12, 1, 2, 1)]
+# (in, out, kernel_size, stride, groups): every combination of kernel 1/3, dense/depth-wise and stride 1/2, and a
+# grouped 3x3.
+LAYER_CASES = [(8, 8 if depthwise else 12, k, stride, 8 if depthwise else 1)
+               for k in (1, 3) for depthwise in (False, True) for stride in (1, 2)] + [(8, 12, 3, 1, 4)]
 # Published parameter counts (README table), millions.
 PUBLISHED_PARAMS = {
     ('od_resnet18', 1): 11.94, ('od_resnet18', 4): 44.90, ('od_resnet50', 1): 28.64, ('od_resnet50', 4): 90.67,
@@ -32,29 +33,25 @@ PUBLISHED_PARAMS = {
 }
 
 
-def released_odconv(layer: ODConv2d, x: torch.Tensor) -> torch.Tensor:
-    """Oracle: the release's formulation (modules/odconv.py), per-sample kernels + conv with groups = batch."""
-    attn = layer.attention
-    batch, _, height, width = x.shape
-    k = layer.kernel_size
-    pooled = F.adaptive_avg_pool2d(x, 1)
-    hidden = attn.act(attn.bn(attn.fc(pooled)))
-    temperature = attn.temperature if layer.training else 1.
-    channel = torch.sigmoid(attn.channel_fc(hidden) / temperature)
-    filter_ = torch.sigmoid(attn.filter_fc(hidden) / temperature) if attn.filter_fc is not None else 1.
-    spatial = 1.
-    if attn.spatial_fc is not None:
-        spatial = torch.sigmoid(attn.spatial_fc(hidden).view(batch, 1, 1, 1, k, k) / temperature)
-    kernel = 1.
-    if attn.kernel_fc is not None:
-        kernel = torch.softmax(attn.kernel_fc(hidden).view(batch, -1, 1, 1, 1, 1) / temperature, dim=1)
-    if k == 1 and layer.kernel_num == 1:  # the release's point-wise 1x path: a plain conv
-        out = F.conv2d(x * channel, layer.weight[0], None, layer.stride, layer.padding, layer.dilation, layer.groups)
-        return out * filter_
-    weight = (spatial * kernel * layer.weight.unsqueeze(0)).sum(1).reshape(-1, layer.in_chs // layer.groups, k, k)
-    out = F.conv2d((x * channel).reshape(1, -1, height, width), weight, None, layer.stride, layer.padding,
-                   layer.dilation, layer.groups * batch)
-    return out.view(batch, layer.out_chs, *out.shape[2:]) * filter_
+def _released(layer: ODConv2d, x: torch.Tensor) -> torch.Tensor:
+    """Oracle: the same module (same parameters) with the release's formulation, `impl='released'`."""
+    layer.impl = 'released'
+    try:
+        return layer(x)
+    finally:
+        layer.impl = 'auto'
+
+
+def _released_attentions(attn: odconv.ODAttention, x: torch.Tensor):
+    """The release's attention branch (modules/odconv.py `Attention`): pooling, 1x1 convs, BN, ReLU, and sigmoid or
+    softmax heads whose logits are divided by the temperature (in training; evaluation runs at temperature 1)."""
+    hidden = attn.act(attn.bn(attn.fc(F.adaptive_avg_pool2d(x, 1))))
+    temperature = attn.temperature if attn.training else 1.
+
+    def head(fc, act):
+        return None if fc is None else act(fc(hidden).flatten(1) / temperature)
+    return (head(attn.channel_fc, torch.sigmoid), head(attn.filter_fc, torch.sigmoid),
+            head(attn.spatial_fc, torch.sigmoid), head(attn.kernel_fc, lambda t: torch.softmax(t, dim=1)))
 
 
 def _layer(in_chs, out_chs, k, stride, groups, kernel_num, dtype=torch.float64):
@@ -72,8 +69,9 @@ def _assert_matches_released(layer: ODConv2d, x: torch.Tensor, *params: torch.Te
     for train in (True, False):
         layer.train(train)
         xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
-        ours, ref = layer(xs[0]), released_odconv(layer, xs[1])
+        ours, ref = layer(xs[0]), _released(layer, xs[1])
         torch.testing.assert_close(ours, ref)
+        assert ours.is_contiguous(memory_format=odconv._memory_format(x)), 'the output left the memory format'
         grad = torch.randn_like(ref)
         for a, b in zip(torch.autograd.grad(ours, [xs[0], layer.weight, *params], grad),
                         torch.autograd.grad(ref, [xs[1], layer.weight, *params], grad)):
@@ -105,7 +103,7 @@ def test_layer_shapes_attentions_and_gradients(in_chs, out_chs, k, stride, group
 @pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', LAYER_CASES)
 def test_layer_matches_released_formulation(
         monkeypatch, in_chs, out_chs, k, stride, groups, kernel_num, channels_last, per_sample_conv):
-    if per_sample_conv:  # CPU training's `_PerSampleConv`, normally only for convs of >= 16M MACs per sample
+    if per_sample_conv:  # one conv per sample in training, normally only for dense convs of >= 16M MACs per sample
         monkeypatch.setattr(odconv, '_PER_SAMPLE_CONV_MIN_MACS', 0)
     layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num)
     layer.attention.temperature.fill_(7.)
@@ -128,9 +126,107 @@ def test_layer_matches_released_formulation_without_autograd(
     layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num).eval()
     x = torch.randn(3, in_chs, size, size, dtype=torch.float64)
     with torch.no_grad():
-        ref = released_odconv(layer, x)
+        ref = _released(layer, x)
         torch.testing.assert_close(layer(x), ref)
-        torch.testing.assert_close(layer(x.contiguous(memory_format=torch.channels_last)), ref)
+        out = layer(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(out, ref)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize('kernel_num', [1, 4])
+@pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', LAYER_CASES)
+def test_attentions_match_release(in_chs, out_chs, k, stride, groups, kernel_num):
+    layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num)
+    layer.attention.temperature.fill_(7.)
+    x = torch.randn(3, in_chs, 9, 9, dtype=torch.float64)
+    for train in (True, False):
+        layer.train(train)
+        for ours, ref in zip(layer.attention(x), _released_attentions(layer.attention, x)):
+            assert (ours is None) == (ref is None)
+            if ours is not None:
+                torch.testing.assert_close(ours, ref)
+
+
+# (in, out, k, stride, groups), kernel_num, input size, autograd -> the path `_select_path` documents for it.
+PATH_CASES = [
+    ((8, 12, 1, 1, 1), 1, 9, True, '_forward_static'),
+    ((8, 8, 1, 1, 8), 1, 9, True, '_forward_static'),  # depth-wise 1x1 (was a TypeError)
+    ((8, 12, 3, 1, 1), 4, 9, False, '_forward_per_sample'),
+    ((8, 12, 1, 1, 1), 1, 33, False, '_forward_per_sample'),
+    ((8, 12, 1, 1, 1), 4, 8, True, '_forward_pointwise_bmm'),
+    ((8, 12, 1, 2, 1), 4, 16, True, '_forward_pointwise_bmm'),  # 8x8 pixels after the stride
+    ((8, 12, 1, 1, 1), 4, 9, True, '_forward_pointwise'),
+    ((8, 12, 3, 1, 1), 1, 8, True, '_forward_unfold'),
+    ((8, 12, 3, 2, 1), 4, 16, True, '_forward_unfold'),
+    ((8, 12, 3, 1, 1), 4, 9, True, '_forward_grouped'),
+    ((8, 8, 3, 1, 8), 4, 9, False, '_forward_grouped'),  # depth-wise, no autograd
+    ((8, 12, 3, 1, 4), 1, 9, True, '_forward_grouped'),
+]
+
+
+@pytest.mark.parametrize('conv,kernel_num,size,grad,path', PATH_CASES, ids=[c[-1] + f'-{i}' for i, c in
+                                                                            enumerate(PATH_CASES)])
+def test_select_path_follows_its_table(conv, kernel_num, size, grad, path):
+    layer = _layer(*conv, kernel_num).eval()
+    x = torch.randn(2, conv[0], size, size, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        assert layer._select_path(x).__name__ == path
+        layer.impl = 'released'
+        assert layer._select_path(x).__name__ == '_forward_released'
+
+
+@pytest.mark.parametrize('kernel_num', [1, 4])
+@pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', LAYER_CASES)
+def test_traced_path_matches_released_formulation(monkeypatch, in_chs, out_chs, k, stride, groups, kernel_num):
+    """What torch.compile and torch.export trace (`_forward_traced`, or `_forward_static`), run eagerly: outputs and
+    gradients equal the release's, in both memory formats."""
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num)
+    layer.attention.temperature.fill_(7.)
+    x = torch.randn(3, in_chs, 9, 9, dtype=torch.float64)
+    expected = '_forward_static' if k == 1 and kernel_num == 1 else '_forward_traced'
+    assert layer._select_path(x).__name__ == expected
+    _assert_matches_released(layer, x)
+    _assert_matches_released(layer, x.contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize('traced', [False, True])
+@pytest.mark.parametrize('kernel_num', [1, 4])
+@pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', LAYER_CASES)
+def test_empty_batch_in_eval(monkeypatch, in_chs, out_chs, k, stride, groups, kernel_num, traced):
+    if traced:
+        monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num, torch.float32).eval()
+    size = (9 - 1) // stride + 1
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert layer(torch.randn(0, in_chs, 9, 9)).shape == (0, out_chs, size, size)
+
+
+def test_conv2d_style_arguments():
+    """kernel_size, stride, padding and dilation as nn.Conv2d takes them, for square convolutions; one clear error
+    otherwise."""
+    layer = ODConv2d(8, 12, (3, 3), stride=(2, 2), padding=(1, 1), dilation=[1, 1])
+    assert (layer.kernel_size, layer.stride, layer.padding, layer.dilation) == (3, 2, 1, 1)
+    x = torch.randn(2, 8, 11, 9)
+    for kernel_size, dilation in ((3, 1), (5, 2), (1, 1)):
+        same = ODConv2d(8, 12, kernel_size, padding='same', dilation=dilation).eval()
+        conv = torch.nn.Conv2d(8, 12, kernel_size, padding='same', dilation=dilation)
+        assert same(x).shape == conv(x).shape == (2, 12, 11, 9)
+    assert ODConv2d(8, 12, 3, padding='valid').padding == 0
+    bad = [
+        (dict(kernel_size=(3, 5)), r'kernel_size must be an int or a tuple of equal ints .*got \(3, 5\)'),
+        (dict(kernel_size=3, stride=(1, 2)), 'stride must be an int or a tuple of equal ints'),
+        (dict(kernel_size=3, padding=(1, 0)), 'padding must be an int or a tuple of equal ints'),
+        (dict(kernel_size=3, padding='same', stride=2), "padding='same' needs stride 1"),
+        (dict(kernel_size=2, padding='same'), "padding='same' with kernel_size 2 and dilation 1 is asymmetric"),
+        (dict(kernel_size=3, padding='full'), "padding must be an int, got 'full'"),
+        (dict(kernel_size=3, impl='fast'), "impl must be one of \\('auto', 'released'\\), got 'fast'"),
+    ]
+    for kwargs, match in bad:
+        with pytest.raises(ValueError, match=match) as info:
+            ODConv2d(8, 12, **kwargs)
+        assert '\n' not in str(info.value)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
@@ -149,21 +245,51 @@ def test_cuda_layer_matches_released_formulation(in_chs, out_chs, k, stride, gro
     assert torch.isfinite(out).all() and torch.isfinite(layer.weight.grad).all()
 
 
-def test_per_sample_conv_matches_grouped_conv():
-    """`_PerSampleConv` (CPU training path) with stride, padding and dilation: gradcheck, and the same values as the
-    grouped convolution; under bfloat16 autocast it computes in bfloat16 and returns float32 gradients."""
-    x = torch.randn(3, 4, 9, 8, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(3, 5, 4, 3, 3, dtype=torch.float64, requires_grad=True)
-    conv_args = (2, 1, 2)  # stride, padding, dilation
-    assert torch.autograd.gradcheck(lambda x, w: odconv._PerSampleConv.apply(x, w, *conv_args), (x, weight))
-    grouped = F.conv2d(x.reshape(1, 12, 9, 8), weight.reshape(15, 4, 3, 3), None, *conv_args, 3).view(3, 5, 4, 3)
-    torch.testing.assert_close(odconv._PerSampleConv.apply(x, weight, *conv_args), grouped)
-    x, weight = x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        out = odconv._PerSampleConv.apply(x, weight, *conv_args)
-    assert out.dtype == torch.bfloat16
-    out.float().sum().backward()
-    assert x.grad.dtype == weight.grad.dtype == torch.float32
+def _odconv_conv_samples(dtype=torch.float64, requires_grad=True):
+    """(x, weight, stride, padding, dilation, groups) for `dynconv::odconv_conv_forward`: dense, grouped, depth-wise;
+    NCHW and channels_last; stride, padding and dilation."""
+    for groups, channels_last in ((1, False), (1, True), (2, False), (4, True)):
+        x = torch.randn(3, 4, 9, 8, dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(3, 4 if groups == 4 else 6, 4 // groups, 3, 3, dtype=dtype)
+        yield x.requires_grad_(requires_grad), weight.requires_grad_(requires_grad), 2, 1, 2, groups
+
+
+@pytest.mark.parametrize('per_sample', [False, True], ids=['grouped-conv', 'per-sample-conv'])
+def test_odconv_conv_op(monkeypatch, per_sample):
+    """The per-sample convolution op: the registration (opcheck: schema, autograd, fake tensors, AOT dispatch),
+    gradients (gradcheck) and the values of the grouped convolution, for both of its implementations."""
+    if per_sample:  # dense convs on CPU loop over samples from this many MACs per sample (normally 16M)
+        monkeypatch.setattr(odconv, '_PER_SAMPLE_CONV_MIN_MACS', 0)
+    op = torch.ops.dynconv.odconv_conv_forward.default
+    for x, weight, stride, padding, dilation, groups in _odconv_conv_samples():
+        torch.library.opcheck(op, (x, weight, stride, padding, dilation, groups))
+        assert torch.autograd.gradcheck(lambda x, w: op(x, w, stride, padding, dilation, groups), (x, weight))
+        batch, out_chs = weight.shape[:2]
+        grouped = F.conv2d(x.reshape(1, -1, 9, 8), weight.reshape(-1, *weight.shape[2:]), None, stride, padding,
+                           dilation, batch * groups)
+        grouped = grouped.view(batch, out_chs, *grouped.shape[2:])
+        out = op(x, weight, stride, padding, dilation, groups)
+        torch.testing.assert_close(out, grouped)
+        assert out.is_contiguous(memory_format=odconv._memory_format(x))
+    with torch.no_grad():
+        torch.library.opcheck(op, next(_odconv_conv_samples(requires_grad=False)))
+
+
+def test_per_sample_convs_under_bfloat16_autocast():
+    """Both per-sample convolutions compute in autocast's dtype and return float32 gradients for float32 inputs: the
+    eager `_PerSampleConv` (casts itself), and the traced op (ODConv2d casts its input to the conv dtype)."""
+    x, weight, stride, padding, dilation, _ = next(_odconv_conv_samples(torch.float32))
+    for conv in (lambda: odconv._PerSampleConv.apply(x, weight, stride, padding, dilation),
+                 lambda: torch.ops.dynconv.odconv_conv_forward(x.to(torch.bfloat16), weight, stride, padding,
+                                                               dilation, 1)):
+        x.grad = weight.grad = None
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = conv()
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        assert x.grad.dtype == weight.grad.dtype == torch.float32
 
 
 @pytest.mark.parametrize('kernel_num', [1, 4])

@@ -75,8 +75,8 @@ class FilterNorm(nn.Module):
             x = x * scale
             if self.mean is not None:
                 x = x + self.mean.view(1, self.in_channels, taps, 1, 1)
-            return x.reshape(b, -1, h, w)
-        x = _standardize(x.reshape(b, self.in_channels, taps), dim=2).reshape(b, -1)
+            return x.reshape(b, self.in_channels * taps, h, w)
+        x = _standardize(x.reshape(b, self.in_channels, taps), dim=2).flatten(1)
         x = x * (self.gain if self.std is None else self.std)
         if self.mean is not None:
             x = x + self.mean
@@ -110,7 +110,7 @@ class _PointwiseConv2d(nn.Conv2d):
         if sh > 1 or sw > 1:
             x = x[:, :, ::sh, ::sw]
         if x.shape[-2:] == (1, 1):
-            return F.linear(x.flatten(1), self.weight.flatten(1), self.bias).view(x.shape[0], -1, 1, 1)
+            return F.linear(x.flatten(1), self.weight.flatten(1), self.bias)[:, :, None, None]
         return F.conv2d(x, self.weight, self.bias)
 
 

@@ -62,6 +62,10 @@ class DynamicDWConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C = x.shape[:2]
+        if self.training and B == 1:
+            raise ValueError(
+                'DynamicDWConv got a training batch of 1: its BatchNorm over pooled features needs >= 2 samples per '
+                'device. Drop the last incomplete batch (drop_last=True), use a larger batch, or call model.eval().')
         k = self.kernel_size
         weight = self.conv2(self.relu(self.bn(self.conv1(x.mean((2, 3), keepdim=True)))))
         out = self._ddf(x, weight.reshape(B, C, k, k), None, kernel_size=k)
