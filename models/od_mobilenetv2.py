@@ -8,7 +8,7 @@ the release's (`features.<i>`, `classifier.1`), so its state_dicts load with str
 model contract. Entrypoint kwargs: `kernel_num` (default 1), `reduction` (0.0625), `temp_init`, `temp_epochs`.
 """
 import math
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -189,8 +189,8 @@ def _create_od_mobilenetv2(variant: str, pretrained: bool = False, **kwargs) -> 
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
-    # Released weights (Google Drive, one file per kernel_num) load locally:
-    # create_model(name, kernel_num=k, pretrained=True, pretrained_cfg_overlay=dict(file=path)).
+    # Released weights (Google Drive, one file per kernel_num) load from a local file:
+    # models._helpers.load_weights(model, path), train.py --pretrained-path, validate.py --checkpoint.
     return {
         'url': '',
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),

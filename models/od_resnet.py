@@ -148,8 +148,8 @@ def _create_od_resnet(variant: str, pretrained: bool = False, **kwargs) -> ODRes
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
-    # Released weights (Google Drive, one file per kernel_num) load locally:
-    # create_model(name, kernel_num=k, pretrained=True, pretrained_cfg_overlay=dict(file=path)).
+    # Released weights (Google Drive, one file per kernel_num) load from a local file:
+    # models._helpers.load_weights(model, path), train.py --pretrained-path, validate.py --checkpoint.
     return {
         'url': '',
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),

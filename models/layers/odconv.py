@@ -601,6 +601,11 @@ class ODConv2d(nn.Module):
         spatial attention on them), the channel attention on the input, the per-sample convolution as the registered
         op `dynconv::odconv_conv_forward`, the filter attention on the output. No branch on sizes or grad mode and
         no buffer: one graph serves every batch size."""
+        if kernel is None:
+            # One candidate as a matmul too: its weight gradient is then a GEMM over the batch. Inductor's CPU code
+            # for the sum over the batch of an expanded weight runs one parallel region per weight element (2x the
+            # eager training step of od_resnet50 1x).
+            kernel = x.new_ones((x.shape[0], 1), dtype=self.weight.dtype)
         weight = self._sample_weights(spatial, kernel, x.shape[0])
         x = (x * channel[:, :, None, None]).to(_conv_dtype(x))
         out = torch.ops.dynconv.odconv_conv_forward(x, weight, self.stride, self.padding, self.dilation, self.groups)
