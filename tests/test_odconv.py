@@ -190,6 +190,38 @@ def test_traced_path_matches_released_formulation(monkeypatch, in_chs, out_chs, 
     _assert_matches_released(layer, x.contiguous(memory_format=torch.channels_last))
 
 
+@pytest.mark.parametrize('kernel_num', [1, 4])
+@pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', LAYER_CASES)
+def test_traced_inference_path_matches_released_formulation(monkeypatch, in_chs, out_chs, k, stride, groups,
+                                                            kernel_num):
+    """What torch.compile and torch.export trace without autograd: dense convs with several kernels call the
+    per-sample path as the op `dynconv::odconv_per_sample_forward` (opcheck: schema, fake tensors), the others the
+    training formulation; outputs equal the release's in both memory formats, and under bfloat16 autocast the op
+    computes in bfloat16."""
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num).eval()
+    x = torch.randn(3, in_chs, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        path = layer._select_path(x).__name__
+        if groups == 1 and kernel_num > 1:
+            assert path == '_forward_per_sample_op'
+            attentions = layer.attention(x)
+            torch.library.opcheck(torch.ops.dynconv.odconv_per_sample_forward.default,
+                                  (x, layer.weight, *attentions, stride, layer.padding, 1))
+        else:
+            assert path in ('_forward_traced', '_forward_static')
+        ref = _released(layer, x)
+        torch.testing.assert_close(layer(x), ref)
+        out = layer(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(out, ref)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        layer.float()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = layer(x.float())
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), ref.float(), atol=0.05 * ref.abs().max().item(), rtol=0)
+
+
 @pytest.mark.parametrize('traced', [False, True])
 @pytest.mark.parametrize('kernel_num', [1, 4])
 @pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', LAYER_CASES)

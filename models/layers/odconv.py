@@ -11,8 +11,9 @@ The release builds that kernel for every sample and runs one convolution with gr
 kept as `ODConv2d(impl='released')`, the oracle of the tests and benchmarks. By default (`impl='auto'`) every call
 takes one exact rewrite, chosen by `ODConv2d._select_path` (its docstring tables the conditions and the measured
 reasons; scripts/benchmark_odconv.py measures, benchmarks/odconv.md records). Under torch.compile and torch.export
-one traceable formulation runs: per-sample kernels and one convolution with groups = batch, with no branch on sizes
-or grad mode and no reused buffer. Eager CPU keeps the faster paths: per-sample oneDNN convolutions on kernels with
+one traceable formulation runs: per-sample kernels and one convolution with groups = batch (a registered op), with
+no branch on sizes and no reused buffer; CPU inference of dense convs with several kernels runs the eager
+per-sample path as a registered op. Eager CPU keeps the faster paths: per-sample oneDNN convolutions on kernels with
 every attention folded in (inference), im2col + GEMM on small maps, a blockwise bmm for point-wise convs on small
 maps, and one convolution per sample for large dense convs in training.
 """
@@ -296,6 +297,68 @@ register_flop_formula(torch.ops.dynconv.odconv_conv_forward)(_odconv_conv_flop)
 register_flop_formula(torch.ops.dynconv.odconv_conv_backward)(_odconv_conv_backward_flop)
 
 
+def _per_sample_conv(x: torch.Tensor, weight: torch.Tensor, channel: torch.Tensor, filter_: Optional[torch.Tensor],
+                     spatial: Optional[torch.Tensor], kernel: Optional[torch.Tensor], stride: int, padding: int,
+                     dilation: int) -> torch.Tensor:
+    """ODConv2d's output for a dense conv without autograd, from its kernel bank `weight` (kernel_num, out, in, k, k)
+    and attentions: per-sample kernels with the attentions folded in, built one chunk of samples and one block of
+    output channels at a time (`_aggregated_blocks`, one reused buffer), then one convolution per sample and block.
+    Only the filter attention may touch the activations (on the output, when that is smaller than the kernels)."""
+    batch_size = x.shape[0]
+    kernel_num, out_chs, in_chs, kernel_size = weight.shape[:4]
+    out_h, out_w = (_conv_output_size(size, kernel_size, stride, padding, dilation) for size in x.shape[2:])
+    fan_in = in_chs * kernel_size * kernel_size
+    in_scale = channel[:, :, None] if spatial is None else channel[:, :, None] * spatial[:, None, :]
+    in_scale = in_scale.reshape(batch_size, 1, fan_in)
+    filter_on_weight = filter_ is not None and fan_in <= out_h * out_w
+    # The kernels are built in the weight's dtype (autocast leaves the attentions in its lower one).
+    kernel = weight.new_ones(batch_size, 1) if kernel is None else kernel.to(weight.dtype)
+    out = torch.empty((batch_size, out_chs, out_h, out_w), dtype=_conv_dtype(x), device=x.device,
+                      memory_format=_memory_format(x))
+    bank = weight.view(kernel_num, out_chs, fan_in)
+    # Large batches go in chunks of samples, so that a block keeps enough output channels per convolution.
+    chunk = max(1, _BLOCK_NUMEL // (min(out_chs, _MIN_BLOCK_ROWS) * fan_in))
+    for first in range(0, batch_size, chunk):
+        samples = slice(first, first + chunk)
+        for rows, block in _aggregated_blocks(kernel[samples], bank, _BLOCK_NUMEL):
+            block.mul_(in_scale[samples])
+            if filter_on_weight:
+                block.mul_(filter_[samples, rows, None])
+            block = block.view(block.shape[0], -1, in_chs, kernel_size, kernel_size)
+            for i, sample_weight in enumerate(block, first):
+                out[i, rows] = F.conv2d(x[i:i + 1], sample_weight, None, stride, padding, dilation)[0]
+    return out if filter_on_weight else _scale_output(out, filter_)
+
+
+@torch.library.custom_op('dynconv::odconv_per_sample_forward', mutates_args=())
+def _odconv_per_sample(x: torch.Tensor, weight: torch.Tensor, channel: torch.Tensor, filter_: Optional[torch.Tensor],
+                       spatial: Optional[torch.Tensor], kernel: Optional[torch.Tensor], stride: int, padding: int,
+                       dilation: int) -> torch.Tensor:
+    """`_per_sample_conv` as a registered op, so that compiled and exported CPU inference of dense ODConvs with
+    several kernels runs it (its reused buffer and per-sample loop stay inside the op). Inference only (no autograd
+    formula); every tensor in x's dtype, computed with autocast off; keeps x's memory format."""
+    with _autocast_off(x.device.type):
+        return _per_sample_conv(x, weight, channel, filter_, spatial, kernel, stride, padding, dilation)
+
+
+@_odconv_per_sample.register_fake
+def _odconv_per_sample_fake(x, weight, channel, filter_, spatial, kernel, stride, padding, dilation):
+    torch._check(weight.shape[2] == x.shape[1],
+                 lambda: f'odconv_per_sample_forward: kernel bank {tuple(weight.shape)} does not fit input '
+                         f'{tuple(x.shape)}')
+    out_h, out_w = (_conv_output_size(size, weight.shape[-1], stride, padding, dilation) for size in x.shape[2:])
+    return torch.empty((x.shape[0], weight.shape[1], out_h, out_w), dtype=x.dtype, device=x.device,
+                       memory_format=_memory_format(x))
+
+
+def _odconv_per_sample_flop(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    # As a convolution with one kernel (the aggregation is counted by ODConv2d.count_macs, not here).
+    return 2 * math.prod(out_shape) * math.prod(weight_shape[2:])
+
+
+register_flop_formula(torch.ops.dynconv.odconv_per_sample_forward)(_odconv_per_sample_flop)
+
+
 class ODAttention(nn.Module):
     """Attention branch of ODConv: GAP -> 1x1 fc -> BN -> ReLU -> one 1x1 fc per attention.
 
@@ -496,8 +559,9 @@ class ODConv2d(nn.Module):
         """The formulation for this call; each is exact (tests/test_odconv.py compares every one with the release's).
 
         First match wins. "dense": groups == 1; "traced": under torch.compile (dynamo) or torch.export, where the
-        eager choices (branches on sizes and grad mode, writes into reused buffers) would break graphs and multiply
-        recompilations. Times: CPU, 2 threads, batch 8 (benchmarks/odconv.md).
+        eager choices (branches on sizes, writes into reused buffers) would break graphs and multiply recompilations;
+        there only grad mode (one guard) and the module's own constants choose. Times: CPU, 2 threads, batch 8
+        (benchmarks/odconv.md).
 
         | condition                        | path                   | measured reason
         | -------------------------------- | ---------------------- | --------------------------------------------------
@@ -505,6 +569,11 @@ class ODConv2d(nn.Module):
         | empty batch                      | _forward_static        | same empty output; the other paths fold the batch
         |                                  |                        | into conv groups (0 fails)
         | 1x1 with one kernel, traced      | _forward_static        | all attentions act on activations
+        | traced, CPU, no autograd, dense, | _forward_per_sample_op | _forward_per_sample as a registered op;
+        | kernel_num > 1                   |                        | compiled 4x inference, batch 8 x 224, vs
+        |                                  |                        | _forward_traced: od_resnet18 223 -> 169 ms,
+        |                                  |                        | od_resnet50 500 -> 466, od_mobilenetv2 195 -> 166
+        |                                  |                        | (at 160 px: 62 -> 70, its smallest maps)
         | traced                           | _forward_traced        | one graph for every batch size (the eager paths:
         |                                  |                        | 26 graph breaks in od_resnet18 4x)
         | CPU, no autograd, dense, and     | _forward_per_sample    | od_resnet50 inference vs resnet50: 4x 0.52 ->
@@ -526,9 +595,13 @@ class ODConv2d(nn.Module):
         if batch_size == 0:
             return self._forward_static
         pointwise_one_kernel = self.kernel_size == 1 and self.kernel_num == 1
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-            return self._forward_static if pointwise_one_kernel else self._forward_traced
         dense = self.groups == 1
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            if pointwise_one_kernel:
+                return self._forward_static
+            if dense and self.kernel_num > 1 and x.device.type == 'cpu' and not torch.is_grad_enabled():
+                return self._forward_per_sample_op
+            return self._forward_traced
         if dense and x.device.type == 'cpu' and not torch.is_grad_enabled() and (
                 self.kernel_num > 1 or height * width >= _PER_SAMPLE_MIN_PIXELS):
             return self._forward_per_sample
@@ -612,34 +685,19 @@ class ODConv2d(nn.Module):
         return out if filter_ is None else out * filter_[:, :, None, None]
 
     def _forward_per_sample(self, x, channel, filter_, spatial, kernel):
-        """Dense convs on CPU without autograd: per-sample kernels with the attentions folded in, built one chunk of
-        samples and one block of output channels at a time (`_aggregated_blocks`), then one oneDNN convolution per
-        sample and block. Only the filter attention may touch the activations (on the output, when that is smaller
-        than the kernels)."""
-        batch_size = x.shape[0]
-        out_h, out_w = self._output_size(x.shape[2]), self._output_size(x.shape[3])
-        fan_in = self.in_chs * self.kernel_size * self.kernel_size
-        in_scale = channel[:, :, None] if spatial is None else channel[:, :, None] * spatial[:, None, :]
-        in_scale = in_scale.reshape(batch_size, 1, fan_in)
-        filter_on_weight = filter_ is not None and fan_in <= out_h * out_w
-        # The kernels are built in the weight's dtype (autocast leaves the attentions in its lower one).
-        kernel = self.weight.new_ones(batch_size, 1) if kernel is None else kernel.to(self.weight.dtype)
-        out = torch.empty((batch_size, self.out_chs, out_h, out_w), dtype=_conv_dtype(x), device=x.device,
-                          memory_format=_memory_format(x))
-        bank = self.weight.view(self.kernel_num, self.out_chs, fan_in)
-        # Large batches go in chunks of samples, so that a block keeps enough output channels per convolution.
-        chunk = max(1, _BLOCK_NUMEL // (min(self.out_chs, _MIN_BLOCK_ROWS) * fan_in))
-        for first in range(0, batch_size, chunk):
-            samples = slice(first, first + chunk)
-            for rows, weight in _aggregated_blocks(kernel[samples], bank, _BLOCK_NUMEL):
-                weight.mul_(in_scale[samples])
-                if filter_on_weight:
-                    weight.mul_(filter_[samples, rows, None])
-                weight = weight.view(weight.shape[0], -1, self.in_chs, self.kernel_size, self.kernel_size)
-                for i, sample_weight in enumerate(weight, first):
-                    out[i, rows] = F.conv2d(x[i:i + 1], sample_weight, None, self.stride, self.padding,
-                                            self.dilation)[0]
-        return out if filter_on_weight else _scale_output(out, filter_)
+        """Dense convs on CPU without autograd: `_per_sample_conv` (every attention folded into per-sample kernels,
+        one oneDNN convolution per sample and block of output channels)."""
+        return _per_sample_conv(x, self.weight, channel, filter_, spatial, kernel, self.stride, self.padding,
+                                self.dilation)
+
+    def _forward_per_sample_op(self, x, channel, filter_, spatial, kernel):
+        """`_forward_per_sample` under torch.compile / torch.export: the registered op
+        `dynconv::odconv_per_sample_forward`, in the conv dtype with autocast off."""
+        dtype = _conv_dtype(x)
+        return torch.ops.dynconv.odconv_per_sample_forward(
+            x.to(dtype), self.weight.to(dtype), channel.to(dtype), None if filter_ is None else filter_.to(dtype),
+            None if spatial is None else spatial.to(dtype), None if kernel is None else kernel.to(dtype),
+            self.stride, self.padding, self.dilation)
 
     def _forward_pointwise_bmm(self, x, channel, filter_, spatial, kernel):
         """Dense 1x1 with several kernels on small maps: the channel attention on the (strided) input pixels, a bmm
