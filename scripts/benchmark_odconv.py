@@ -134,7 +134,7 @@ def layer_table(args):
     # OD-ResNet-50 block convs at 224 (in, out, k, stride, input size), one per stage.
     shapes = [(64, 64, 1, 1, 56), (64, 64, 3, 1, 56), (128, 128, 3, 1, 28), (256, 256, 3, 1, 14),
               (512, 512, 3, 1, 7), (1024, 256, 1, 1, 14), (512, 2048, 1, 1, 7)]
-    print(f'| shape (in, out, k, size) | kernel_num | pass | static conv ms | '
+    print('| shape (in, out, k, size) | kernel_num | pass | static conv ms | '
           + ' | '.join(f'{f} ms (x static)' for f in args.formulations) + ' |')
     print('|' + ' --- |' * (4 + len(args.formulations)))
     for in_chs, out_chs, k, stride, size in [s for s in shapes if s[2] in args.kernel_sizes]:
