@@ -15,9 +15,10 @@ Formulations (all exact; tests/test_odconv.py checks each of ODConv2d's paths ag
               the attentions with all kernel_num kernels, then one conv with groups = batch; point-wise kernel_num 1
               is a plain conv.
     ours      ODConv2d's default: the path `ODConv2d._select_path` picks for each call (its docstring tables them).
-    traced    the formulation torch.compile and torch.export trace, run eagerly: per-sample kernels (kernel_num
-              aggregated by a matmul), channel and filter attentions on activations, the per-sample convolution
-              op (groups = batch, or one conv per sample for large dense convs on CPU).
+    traced    what torch.compile and torch.export trace, run eagerly (`_select_path` as if compiling): per-sample
+              kernels (kernel_num aggregated by a matmul), channel and filter attentions on activations, the
+              per-sample convolution op (groups = batch, or one conv per sample for large dense convs on CPU);
+              CPU inference of dense convs with several kernels: the per-sample path as an op.
     unfold    ours, but every dense k x k conv as im2col + GEMM; the columns carry the spatial and channel attentions,
               so kernel_num 1 multiplies the *static* weight (one GEMM for the whole batch).
     bmm       ours, but every dense point-wise conv with several kernels as the blockwise bmm of per-sample weights.
@@ -32,6 +33,7 @@ import statistics
 import sys
 import time
 import types
+import unittest.mock
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -54,6 +56,12 @@ def _forced_path(path_for: Callable[[ODConv2d], Optional[str]]):
     return select_path
 
 
+def _traced_path(self: ODConv2d, x: torch.Tensor):
+    """The path `_select_path` takes under torch.compile / torch.export (its own table, as if compiling)."""
+    with unittest.mock.patch.object(torch.compiler, 'is_compiling', lambda: True):
+        return ODConv2d._select_path(self, x)
+
+
 def _is_dense_pointwise(m: ODConv2d) -> bool:
     return m.kernel_size == 1 and m.groups == 1 and m.padding == 0
 
@@ -61,8 +69,7 @@ def _is_dense_pointwise(m: ODConv2d) -> bool:
 FORMULATIONS = {
     'released': None,
     'ours': None,
-    'traced': _forced_path(
-        lambda m: '_forward_static' if m.kernel_size == 1 and m.kernel_num == 1 else '_forward_traced'),
+    'traced': _traced_path,
     'unfold': _forced_path(lambda m: '_forward_unfold' if m.kernel_size > 1 and m.groups == 1 else None),
     'bmm': _forced_path(lambda m: '_forward_pointwise_bmm' if _is_dense_pointwise(m) and m.kernel_num > 1 else None),
 }

@@ -351,12 +351,8 @@ def _odconv_per_sample_fake(x, weight, channel, filter_, spatial, kernel, stride
                        memory_format=_memory_format(x))
 
 
-def _odconv_per_sample_flop(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
-    # As a convolution with one kernel (the aggregation is counted by ODConv2d.count_macs, not here).
-    return 2 * math.prod(out_shape) * math.prod(weight_shape[2:])
-
-
-register_flop_formula(torch.ops.dynconv.odconv_per_sample_forward)(_odconv_per_sample_flop)
+# As a convolution with one kernel, like `dynconv::odconv_conv_forward` (ODConv2d.count_macs adds the aggregation).
+register_flop_formula(torch.ops.dynconv.odconv_per_sample_forward)(_odconv_conv_flop)
 
 
 class ODAttention(nn.Module):
