@@ -92,7 +92,7 @@ def release_lr_per_update(loader_len, accum_steps, epochs, lr, warmup_lr, min_lr
     warmup_t = int(warmup_epochs * loader_len)  # lr_scheduler.py L9
     current = warmup_lr  # timm cosine_lr.py L64: the constructor's value, in force before the first step_update
     lrs = []
-    step_every = accum_steps if accum_steps > 1 else 1  # main.py L164: the accumulation branch only for A > 1
+    step_every = max(1, accum_steps)  # main.py L164: the accumulation branch only for A > 1
     for epoch in range(epochs):  # main.py L127 (START_EPOCH 0, config.py L72)
         for idx in range(loader_len):
             if (idx + 1) % step_every:
@@ -149,12 +149,12 @@ def _release_train_transform():
     from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation, str_to_pil_interp
     from torchvision import transforms
 
-    hparams = dict(
-        translate_const=int(IMG_SIZE * 0.45),  # transforms_factory.py L85-87
-        img_mean=tuple(min(255, round(255 * x)) for x in IMAGENET_DEFAULT_MEAN),
-        interpolation=str_to_pil_interp(INTERPOLATION),  # transforms_factory.py L89-90
-        magnitude_std=0.5,  # 'mstd0.5' (auto_augment.py L666-668)
-    )
+    hparams = {
+        'translate_const': int(IMG_SIZE * 0.45),  # transforms_factory.py L85-87
+        'img_mean': tuple(min(255, round(255 * x)) for x in IMAGENET_DEFAULT_MEAN),
+        'interpolation': str_to_pil_interp(INTERPOLATION),  # transforms_factory.py L89-90
+        'magnitude_std': 0.5,  # 'mstd0.5' (auto_augment.py L666-668)
+    }
     # 'inc1' picks the increasing op list (auto_augment.py L669-671, L562-579); 'm9' the magnitude; 2 ops per image
     # (auto_augment.py L655) each applied with probability 0.5 (auto_augment.py L613-617)
     increasing_ops_v0412 = [
@@ -196,7 +196,7 @@ def _release_eval_transform():
     return [repr(t) for t in steps]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _transforms():
     return _release_train_transform(), _release_eval_transform()
 
@@ -204,7 +204,7 @@ def _transforms():
 def _recipe(name, train_size=TRAIN_SIZE):
     world_size, batch_size, accum_arg, amp_level, drop_path_rate = _RELEASE[name]
     # config.py L85 default 0; L199-200 takes --accumulation-steps; main.py L164 accumulates only for > 1
-    accum_steps = accum_arg if accum_arg > 1 else 1
+    accum_steps = max(1, accum_arg)
     global_batch = batch_size * world_size * accum_steps
     # main.py L349-356: BASE_LR, WARMUP_LR and MIN_LR x (batch x world) / 512, then x accumulation steps
     scale = batch_size * world_size / 512.0 * accum_steps
