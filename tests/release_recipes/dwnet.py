@@ -206,9 +206,10 @@ def _recipe(name, train_size=TRAIN_SIZE):
     # config.py L85 default 0; L199-200 takes --accumulation-steps; main.py L164 accumulates only for > 1
     accum_steps = max(1, accum_arg)
     global_batch = batch_size * world_size * accum_steps
-    # main.py L349-356: BASE_LR, WARMUP_LR and MIN_LR x (batch x world) / 512, then x accumulation steps
-    scale = batch_size * world_size / 512.0 * accum_steps
-    lr, warmup_lr, min_lr = BASE_LR * scale, WARMUP_LR * scale, MIN_LR * scale
+    # main.py L349-356: BASE_LR, WARMUP_LR and MIN_LR x batch x world / 512, then x accumulation steps (only if > 1)
+    lr, warmup_lr, min_lr = (v * batch_size * world_size / 512.0 for v in (BASE_LR, WARMUP_LR, MIN_LR))
+    if accum_steps > 1:
+        lr, warmup_lr, min_lr = lr * accum_steps, warmup_lr * accum_steps, min_lr * accum_steps
     loader_len = release_loader_len(train_size, world_size, batch_size)
     lrs = release_lr_per_update(loader_len, accum_steps, EPOCHS, lr, warmup_lr, min_lr, WARMUP_EPOCHS)
     updates_per_epoch = loader_len // accum_steps  # main.py L197 (a trailing partial accumulation is dropped)
