@@ -180,12 +180,9 @@ def _recipe(model_name, train_size=TRAIN_SIZE):
         'updates_per_epoch': updates_per_epoch,
         'epochs': epochs,
         'total_updates': updates_per_epoch * epochs,
-        # optim_factory.py L55 and L65-67: 'sgd' is torch SGD with Nesterov momentum; the decay lives in the
-        # param groups (L47-48 set the optimizer-level weight_decay to 0); lr is args.lr
-        'optimizer': {
-            'type': 'SGD', 'lr': a['lr'], 'momentum': a['momentum'], 'dampening': 0, 'weight_decay': 0.0,
-            'nesterov': True,
-        },
+        # optim_factory.py L55 and L65-67: 'sgd' is torch SGD with Nesterov momentum; lr is args.lr; the decay
+        # lives in the param groups (L47-48), where the plan compares it
+        'optimizer': {'type': 'SGD', 'lr': a['lr'], 'momentum': a['momentum'], 'dampening': 0, 'nesterov': True},
         'param_groups': _param_groups(model_name, a['weight_decay']),
         'lr': lr,
         'temperature': None,  # no temperature in DDF

@@ -119,12 +119,9 @@ def _recipe(model_name, train_size=TRAIN_SIZE):
         'updates_per_epoch': updates_per_epoch,
         'epochs': a['epochs'],  # main.py L232: range(start_epoch, epochs), no cool-down
         'total_updates': updates_per_epoch * a['epochs'],
-        # main.py L171-173: torch.optim.SGD(params, lr, momentum=0.9, weight_decay=1e-4): no Nesterov, dampening 0,
-        # the decay set on the optimizer itself
-        'optimizer': {
-            'type': 'SGD', 'lr': a['lr'], 'momentum': a['momentum'], 'dampening': 0,
-            'weight_decay': a['weight_decay'], 'nesterov': False,
-        },
+        # main.py L171-173: torch.optim.SGD(params, lr, momentum=0.9, weight_decay=1e-4): no Nesterov, dampening 0;
+        # the decay (set on the optimizer, so on its one group) is compared in param_groups
+        'optimizer': {'type': 'SGD', 'lr': a['lr'], 'momentum': a['momentum'], 'dampening': 0, 'nesterov': False},
         'param_groups': _param_groups(model_name, a['weight_decay']),
         'lr': _lr_per_update(a, updates_per_epoch),
         'temperature': None,

@@ -134,7 +134,8 @@ def _release_optimizer(lr):
     (config.py L100-104, L75); its hyper-parameters as torch builds them today."""
     probe = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr, eps=1e-8, betas=(0.9, 0.999),
                               weight_decay=WEIGHT_DECAY)
-    skip = ('foreach', 'fused', 'capturable', 'differentiable', 'maximize')
+    # weight_decay: the groups' (param_groups) are what the release's update uses, and the plan compares those
+    skip = ('foreach', 'fused', 'capturable', 'differentiable', 'maximize', 'weight_decay')
     return {'type': 'AdamW', **{k: v for k, v in probe.defaults.items() if k not in skip}}
 
 

@@ -168,9 +168,8 @@ def release_recipe(stem: str, train_size: int = TRAIN_SIZE) -> dict:
         'epochs': epochs,  # README L72/L88 --epochs; no cool-down (main.py L234)
         'total_updates': iters * epochs,
         # main.py L142-144: torch SGD(model.parameters(), lr, momentum, weight_decay); dampening and nesterov are
-        # torch's defaults
-        'optimizer': {'type': 'SGD', 'lr': family['lr'], 'momentum': MOMENTUM, 'dampening': 0,
-                      'weight_decay': family['weight_decay'], 'nesterov': False},
+        # torch's defaults; the decay (on the one group) is compared in param_groups
+        'optimizer': {'type': 'SGD', 'lr': family['lr'], 'momentum': MOMENTUM, 'dampening': 0, 'nesterov': False},
         # main.py L142: one group, model.parameters(): every parameter decayed, BN and biases included
         'param_groups': [{'weight_decay': family['weight_decay'], 'lr_scale': 1.0,
                           'params': _param_names(arch, model_kwargs)}],
