@@ -180,6 +180,12 @@ class _HookNet(nn.Module):
     def set_training_progress(self, epochs):
         self.progress.append(epochs)
 
+    def scheduled_values(self, epochs):
+        return {}
+
+    def auxiliary_loss_terms(self):
+        return [{'name': 'constant', 'weight': 1.0}]
+
     def auxiliary_loss(self):
         self.aux_calls += 1
         return self.fc.weight.sum() * 0. + self.aux_value
@@ -207,19 +213,19 @@ def test_model_hooks_called_saved_and_restored(tiny_imagefolder, tmp_path, in_pr
     in_process(argv + ['--epochs', '1'])
     model = _HookNet.instances[0]
     steps = 10  # 80 images, batch 8, drop_last
-    assert model.progress == pytest.approx([i / steps for i in range(steps)])
+    assert model.progress == pytest.approx([(i + 1) / steps for i in range(steps)])  # the running update counted
     assert model.aux_calls == steps
     rows = _summary(tmp_path / 'hooks')
     assert float(rows[0]['train_loss']) > 1000.  # the auxiliary loss is part of the loss
-    assert float(rows[0]['train_hook_progress']) == pytest.approx(0.9)
+    assert float(rows[0]['train_hook_progress']) == pytest.approx(1.0)
     ckpt = _load(tmp_path / 'hooks' / 'last.pth.tar')
-    assert ckpt['training_hooks'] == {'progress': pytest.approx(0.9), 'calls': steps}
+    assert ckpt['training_hooks'] == {'progress': pytest.approx(1.0), 'calls': steps}
 
     _HookNet.instances.clear()
     in_process(argv + ['--epochs', '2', '--auto-resume'])
     resumed = _HookNet.instances[0]
     assert resumed.loaded_state == ckpt['training_hooks']
-    assert resumed.progress[0] == pytest.approx(1.0)
+    assert resumed.progress[0] == pytest.approx(1.1)
 
 
 def test_odconv_model_trains_channels_last_and_checkpoints_its_temperature(tiny_imagefolder, tmp_path, in_process):

@@ -26,6 +26,19 @@ def test_odconv_and_dgconv_models_implement_the_protocol():
     assert not isinstance(timm.create_model('test_resnet'), TrainingHooks)
 
 
+def test_a_partial_hook_implementation_is_an_error():
+    """A model written for fewer hooks (e.g. before the plan's two) would otherwise train without any of them."""
+    class OldHooks(torch.nn.Module):
+        def set_training_progress(self, epochs):
+            pass
+
+        def auxiliary_loss(self):
+            return None
+
+    with pytest.raises(TypeError, match='add auxiliary_loss_terms, load_training_hook_state, scheduled_values'):
+        ModelHooks(OldHooks())
+
+
 def test_model_hooks_run_the_model_and_its_ema_copy():
     torch.manual_seed(0)
     model = timm.create_model('od_resnet18', layers=(1, 1, 1, 1), channels=(8, 8, 8, 8), stem_width=8,

@@ -49,6 +49,11 @@ class ModelHooks:
 
     def __init__(self, model: torch.nn.Module, model_ema: Optional[torch.nn.Module] = None):
         trained = unwrap_model(model)
+        hook_names = [n for n in dir(TrainingHooks) if not n.startswith('_')]
+        missing = [n for n in hook_names if not callable(getattr(trained, n, None))]
+        if len(missing) < len(hook_names) and missing:  # a partial implementation would be silently ignored
+            raise TypeError(f'{type(trained).__name__} implements part of the training-hook protocol '
+                            f'(training/hooks.py); add {", ".join(missing)}')
         self.model = trained if isinstance(trained, TrainingHooks) else None
         copies = [trained] + ([unwrap_model(model_ema)] if model_ema is not None else [])
         self._all: List[TrainingHooks] = [m for m in copies if isinstance(m, TrainingHooks)]
