@@ -305,11 +305,12 @@ def _replay(schedule: TrainingSchedule, optimizer, hooks: ModelHooks):
     pass(es), from the loop's calls of `schedule` in the loop's order."""
     group = optimizer.param_groups[0]
     scale = group.get('lr_scale', 1.0)
-    per_epoch = schedule.updates_per_epoch
+    scheduled = hooks.scheduled if hooks.model is not None else None
     lrs, temperatures = [], []
     for epoch in range(schedule.num_epochs):
-        for update_idx in range(per_epoch):
-            temperatures.append(hooks.scheduled(schedule.progress(epoch, update_idx)).get('temperature'))
+        for update_idx in range(schedule.updates_per_epoch):
+            if scheduled is not None:
+                temperatures.append(scheduled(schedule.progress(epoch, update_idx)).get('temperature'))
             lrs.append(group['lr'] / scale)
             schedule.end_update(epoch, update_idx)
         schedule.end_epoch(epoch)
@@ -369,6 +370,12 @@ def _plot_plan(plan: Dict[str, Any], png_path: str):
     os.replace(tmp, png_path)
 
 
+def _first_line(text: str) -> str:
+    """A transform's repr on one line (RandAugment lists its ops on the next lines)."""
+    first, _, rest = text.partition('\n')
+    return first + ' ...)' if rest else first
+
+
 def plan_summary(plan: Dict[str, Any]) -> str:
     """A few lines for a person: the batch arithmetic, the schedule's landmarks, optimizer groups, loss, BN."""
     lrs, per_epoch = plan['lr'], plan['updates_per_epoch']
@@ -381,6 +388,10 @@ def plan_summary(plan: Dict[str, Any]) -> str:
         at = min(plan['warmup_epochs'] * per_epoch, len(lrs) - 1)
         landmarks.append(f'after warm-up (update {at}): {lrs[at]:.4g}')
     landmarks.append(f'last: {lrs[-1]:.4g}')
+    steps = [e for e in range(1, plan['epochs']) if lrs[e * per_epoch] != lrs[e * per_epoch - 1]]
+    if not plan['sched_on_updates'] and 0 < len(steps) <= 8:
+        landmarks.append('changes at the start of epoch ' + ', '.join(
+            f'{e} (to {lrs[e * per_epoch]:.4g})' for e in steps))
     lines = [
         f"model       {plan['model']} {plan['model_kwargs'] or ''}  drop {plan['drop_rate']}, "
         f"drop_path {plan['drop_path_rate']}",
@@ -402,7 +413,7 @@ def plan_summary(plan: Dict[str, Any]) -> str:
         f"{plan['loss']['mixup'] or 'off'}; aux {plan['aux_losses'] or 'none'}",
         f"other       clip {plan['clip_grad'] or 'none'}; EMA {plan['ema'] or 'none'}; AMP {plan['amp'] or 'off'}; "
         f"BN across processes: {plan['dist_bn'] or 'own'} (sync_bn {plan['sync_bn']})",
-        f"train       {' | '.join(plan['train_transform'])}",
-        f"eval        {' | '.join(plan['eval_transform'])}",
+        f"train       {' | '.join(_first_line(t) for t in plan['train_transform'])}",
+        f"eval        {' | '.join(_first_line(t) for t in plan['eval_transform'])}",
     ]
     return '\n'.join(lines)
