@@ -43,7 +43,6 @@ from contextlib import suppress
 from functools import partial
 
 import torch
-import torch.nn as nn
 import yaml
 from torch.nn.parallel import DistributedDataParallel as NativeDDP
 
@@ -58,6 +57,7 @@ from models._helpers import CheckpointError, load_weights, pretrained_file
 from training import cli
 from training.cli import UsageError
 from training.distributed import all_gather, bn_running_mean_sum, state_fingerprint
+from training.evaluate import evaluate
 from training.hooks import ModelHooks
 from training.options import args_for_yaml, check_resolution, global_batch_size, parse_args, resolve_lr
 from training.plan import (
@@ -487,7 +487,6 @@ def _train(args, device, skipped_counter, lr_source):
 
     loader_train, loader_eval, mixup_fn = _create_loaders(args, data_config, dataset_train, dataset_eval, device)
     loss_fn = train_loss_fn(args).to(device=device)
-    validate_loss_fn = nn.CrossEntropyLoss().to(device=device)
 
     eval_metric = args.eval_metric if loader_eval is not None else 'loss'
     decreasing_metric = eval_metric == 'loss'
@@ -525,12 +524,10 @@ def _train(args, device, skipped_counter, lr_source):
 
         eval_metrics = None
         if loader_eval is not None:
-            eval_metrics = validate(model, loader_eval, validate_loss_fn, args, device=device,
-                                    amp_autocast=amp_autocast)
+            eval_metrics = _evaluate(model, loader_eval, args, device, amp_autocast)
             if model_ema is not None and not args.model_ema_force_cpu:
                 _distribute_bn(args, model_ema)
-                eval_metrics = validate(model_ema, loader_eval, validate_loss_fn, args, device=device,
-                                        amp_autocast=amp_autocast, log_suffix=' (EMA)')
+                eval_metrics = _evaluate(model_ema, loader_eval, args, device, amp_autocast, log_name='Test (EMA)')
             skipped_eval = skipped_counter.count_all_ranks(args)
             if skipped_eval and primary:
                 _logger.warning(f'Epoch {epoch}: skipped {skipped_eval} unreadable validation image(s).')
@@ -752,56 +749,14 @@ def _check_finite(loss, args, epoch, update_idx, updates_per_epoch, optimizer, s
         f' stopped without saving.{last_good} Lower --lr or set --clip-grad, then resume with --auto-resume.')
 
 
-def validate(model, loader, loss_fn, args, device, amp_autocast=suppress, log_suffix=''):
-    """Loss, top-1 and top-5 over the eval loader (timm legacy_train's validate)."""
-    batch_time_m = utils.AverageMeter()
-    losses_m = utils.AverageMeter()
-    top1_m = utils.AverageMeter()
-    top5_m = utils.AverageMeter()
-
-    model.eval()
-    end = time.time()
-    last_idx = len(loader) - 1
-    with torch.inference_mode():
-        for batch_idx, (input, target) in enumerate(loader):
-            last_batch = batch_idx == last_idx
-            if not args.prefetcher:
-                input, target = input.to(device), target.to(device)
-            if args.channels_last:
-                input = input.contiguous(memory_format=torch.channels_last)
-
-            with amp_autocast():
-                output = model(input)
-                if isinstance(output, (tuple, list)):
-                    output = output[0]
-                loss = loss_fn(output, target)
-            acc1, acc5 = utils.accuracy(output, target, topk=(1, min(5, output.shape[-1])))
-
-            if args.distributed:
-                reduced_loss = utils.reduce_tensor(loss.data, args.world_size)
-                acc1 = utils.reduce_tensor(acc1, args.world_size)
-                acc5 = utils.reduce_tensor(acc5, args.world_size)
-            else:
-                reduced_loss = loss.data
-            if device.type == 'cuda':
-                torch.cuda.synchronize()
-
-            batch_size = output.shape[0]
-            losses_m.update(reduced_loss.item(), batch_size)
-            top1_m.update(acc1.item(), batch_size)
-            top5_m.update(acc5.item(), batch_size)
-            batch_time_m.update(time.time() - end)
-            end = time.time()
-            if utils.is_primary(args) and (last_batch or batch_idx % args.log_interval == 0):
-                _logger.info(
-                    f'Test{log_suffix}: [{batch_idx:>4d}/{last_idx}]  '
-                    f'Time: {batch_time_m.val:.3f} ({batch_time_m.avg:.3f})  '
-                    f'Loss: {losses_m.val:>7.3f} ({losses_m.avg:>6.3f})  '
-                    f'Acc@1: {top1_m.val:>7.3f} ({top1_m.avg:>7.3f})  '
-                    f'Acc@5: {top5_m.val:>7.3f} ({top5_m.avg:>7.3f})'
-                )
-
-    return OrderedDict([('loss', losses_m.avg), ('top1', top1_m.avg), ('top5', top5_m.avg)])
+def _evaluate(model, loader, args, device, amp_autocast, log_name='Test'):
+    """The shared evaluation loop (training/evaluate.py) on this run's settings: loss, top1, top5."""
+    metrics = evaluate(
+        model, loader, device, amp_autocast, channels_last=args.channels_last, prefetcher=args.prefetcher,
+        world_size=args.world_size if args.distributed else 1, log_interval=args.log_interval, log_name=log_name,
+        log=utils.is_primary(args))
+    metrics.pop('samples')
+    return metrics
 
 
 if __name__ == '__main__':
