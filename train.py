@@ -35,7 +35,6 @@ import datetime
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections import OrderedDict
@@ -47,7 +46,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as NativeDDP
 
 from timm import utils
-from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
+from timm.data import FastCollateMixup, ImageDataset, Mixup, create_loader, resolve_data_config
 from timm.layers import convert_sync_batchnorm
 from timm.models import model_parameters, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -64,6 +63,7 @@ from training.plan import (
     TrainingSchedule, build_plan, eval_transform_kwargs, keep_last_batch, mixup_kwargs, model_create_kwargs,
     plan_summary, train_loss_fn, train_transform_kwargs, write_plan)
 from training.resume import CHECKPOINT_EXT, ExactResume, TrainCheckpointSaver, find_auto_resume
+from training.skips import SkipRecordingDataset
 
 _logger = logging.getLogger('train')
 
@@ -121,43 +121,14 @@ def _create_datasets(args, input_img_mode):
             missing = sorted(set(train_map) ^ set(eval_map))
             raise UsageError(f"train and {args.val_split} splits have different classes (e.g. '{missing[0]}'); "
                              f"both need the same class folders")
-    return dataset_train, dataset_eval
+    # timm's ImageDataset skips an unreadable image and loads the next: the wrapper records which it skipped
+    return tuple(SkipRecordingDataset(d) if isinstance(d, ImageDataset) else d for d in (dataset_train, dataset_eval))
 
 
-class SkippedImageCounter(logging.Filter):
-    """Counts the unreadable images timm's ImageDataset skips.
-
-    ``ImageDataset.__getitem__`` already catches decode errors, logs 'Skipped sample (index N)' and loads the next
-    index, so training goes on; this filter on its logger only marks each index N once in a shared-memory bitmap, so
-    forked loader workers (Linux' default start method) mark the parent's copy too.
-    """
-    _pattern = re.compile(r'Skipped sample \(index (\d+)\)')
-
-    def __init__(self):
-        super().__init__()
-        self.seen = None
-
-    def reset(self, size):
-        """Starts counting over indices 0..size-1; call before the loader workers start."""
-        self.seen = torch.zeros(size, dtype=torch.bool).share_memory_()
-
-    def filter(self, record):
-        match = self._pattern.match(record.getMessage())
-        if match is not None and self.seen is not None and int(match.group(1)) < len(self.seen):
-            self.seen[int(match.group(1))] = True
-        return True
-
-    def take(self):
-        """The indices marked since the last call; clears them."""
-        if self.seen is None:
-            return []
-        indices = self.seen.nonzero().flatten().tolist()
-        self.seen.zero_()
-        return indices
-
-    def count_all_ranks(self, args):
-        """How many distinct images every rank skipped since the last call (collective)."""
-        return len(set().union(*all_gather(args, self.take())))
+def _count_skipped(args, dataset) -> int:
+    """How many distinct images of `dataset` the ranks skipped as unreadable since the last call (collective)."""
+    taken = dataset.take() if isinstance(dataset, SkipRecordingDataset) else []
+    return len(set().union(*all_gather(args, taken)))
 
 
 def _format_eta(seconds):
@@ -237,18 +208,13 @@ def main(argv=None):
     else:
         _logger.info(f'Training with a single process on 1 device ({args.device}).')
 
-    skipped_counter = SkippedImageCounter()
-    dataset_logger = logging.getLogger('timm.data.dataset')
-    dataset_logger.addFilter(skipped_counter)
     try:
         with cli.usage_errors('train.py'):
-            _train(args, device, skipped_counter, lr_source)
+            _train(args, device, lr_source)
     except NonFiniteLoss as e:
         if args.distributed:
             torch.distributed.destroy_process_group()
         raise SystemExit(f'train.py: error: {e}')
-    finally:
-        dataset_logger.removeFilter(skipped_counter)
 
 
 def _create_model(args):
@@ -415,13 +381,12 @@ def _distribute_bn(args, model, log=False):
                      f'{[repr(s) for s in sums]}, after {bn_running_mean_sum(model)!r}')
 
 
-def _train(args, device, skipped_counter, lr_source):
+def _train(args, device, lr_source):
     primary = utils.is_primary(args)
     utils.random_seed(args.seed, args.rank)
 
     in_chans = model_create_kwargs(args)['in_chans']
     dataset_train, dataset_eval = _create_datasets(args, 'RGB' if in_chans == 3 else 'L')
-    skipped_counter.reset(max(len(dataset_train), len(dataset_eval) if dataset_eval is not None else 0))
     train_classes = getattr(getattr(dataset_train, 'reader', None), 'class_to_idx', None)
     if args.num_classes is None and train_classes is not None:
         args.num_classes = len(train_classes)
@@ -515,7 +480,7 @@ def _train(args, device, skipped_counter, lr_source):
             loss_scaler=loss_scaler, model_ema=model_ema, mixup_fn=mixup_fn, num_epochs=num_epochs,
             resume=resume, hooks=hooks, tb_writer=tb_writer,
         )
-        train_metrics['skipped_images'] = skipped = skipped_counter.count_all_ranks(args)
+        train_metrics['skipped_images'] = skipped = _count_skipped(args, dataset_train)
         if skipped and primary:
             _logger.warning(f'Epoch {epoch}: skipped {skipped} unreadable training image(s) (see the warnings '
                             f'above); training went on with the next images.')
@@ -528,7 +493,7 @@ def _train(args, device, skipped_counter, lr_source):
             if model_ema is not None and not args.model_ema_force_cpu:
                 _distribute_bn(args, model_ema)
                 eval_metrics = _evaluate(model_ema, loader_eval, args, device, amp_autocast, log_name='Test (EMA)')
-            skipped_eval = skipped_counter.count_all_ranks(args)
+            skipped_eval = _count_skipped(args, dataset_eval)
             if skipped_eval and primary:
                 _logger.warning(f'Epoch {epoch}: skipped {skipped_eval} unreadable validation image(s).')
         latest_metric = eval_metrics[eval_metric] if eval_metrics is not None else train_metrics[eval_metric]
