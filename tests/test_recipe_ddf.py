@@ -5,11 +5,11 @@ import pytest
 
 from tests.release_recipes import assert_plan_matches
 from tests.release_recipes.ddf import RECIPES
+from training.plan import make_plan
 
 
 @pytest.mark.parametrize('config', sorted(RECIPES))
 def test_plan_matches_release(config):
-    make_plan = pytest.importorskip('training.plan', reason='training/plan.py not merged yet').make_plan
     assert_plan_matches(make_plan(['--config', config]), RECIPES[config]())
 
 

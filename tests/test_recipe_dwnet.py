@@ -8,6 +8,7 @@ import torch
 
 from tests.release_recipes import assert_plan_matches
 from tests.release_recipes.dwnet import BASE_LR, MIN_LR, RECIPES, release_loader_len, release_lr_per_update
+from training.plan import make_plan
 
 
 def _as_json(value):
@@ -22,7 +23,6 @@ def _expected(config):
 
 @pytest.mark.parametrize('config', sorted(RECIPES))
 def test_plan_equals_release_recipe(config):
-    from training.plan import make_plan
 
     plan = make_plan(['--config', config])
     assert_plan_matches(_as_json(plan), _expected(config))

@@ -8,6 +8,7 @@ import pytest
 from models.layers.odconv import odconv_temperature
 from tests.release_recipes import assert_plan_matches
 from tests.release_recipes.odconv import RECIPES, release_recipe
+from training.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +19,6 @@ def test_every_config_has_a_recipe():
 
 @pytest.mark.parametrize('config', sorted(RECIPES), ids=lambda c: Path(c).stem)
 def test_plan_equals_release(config):
-    from training.plan import make_plan
     assert_plan_matches(make_plan(['--config', str(ROOT / config)]), RECIPES[config]())
 
 
