@@ -511,7 +511,7 @@ def _train(args, device, lr_source):
         (_logger.info if same else _logger.warning)(
             f'Final model state on {args.world_size} ranks: {"identical" if same else "DIFFERENT"} '
             f'(sha1 {fingerprints})')
-    if args.distributed:
+    if args.distributed:  # before interpreter teardown, which must not meet live store or gloo threads
         torch.distributed.destroy_process_group()
     if tb_writer is not None:
         tb_writer.close()
@@ -725,13 +725,4 @@ def _evaluate(model, loader, args, device, amp_autocast, log_name='Test'):
 
 
 if __name__ == '__main__':
-    status = cli.exit_status(main)
-    if status or not torch.distributed.is_torchelastic_launched():
-        sys.exit(status)
-    # The run is complete and every file is closed. Skip the interpreter's C++ teardown: after a restarted
-    # rendezvous, torch 2.14's store threads can abort it ("terminate called without an active exception"), and
-    # torchrun would then report a finished job as failed.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    sys.exit(cli.exit_status(main))
