@@ -1,4 +1,5 @@
-"""configs/odconv/*.yaml against the OSVAI/ODConv release's recipe (tests/release_recipes/odconv.py), update by update."""
+"""configs/odconv/*.yaml against the OSVAI/ODConv release's recipe (tests/release_recipes/odconv.py), update by
+update."""
 import copy
 import math
 from pathlib import Path

@@ -319,7 +319,8 @@ def create_parser():
     group.add_argument('--output', default='', type=str, metavar='PATH',
                        help="path to output folder ('': ./output/train)")
     group.add_argument('--experiment', default='', type=str, metavar='NAME',
-                       help="name of the run folder inside --output ('': date-model-size; model-size with --auto-resume)")
+                       help="name of the run folder inside --output ('': date-model-size; model-size with "
+                            "--auto-resume)")
     group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC',
                        help='Best metric')
     group.add_argument('--log-tb', action='store_true', default=False,

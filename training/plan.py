@@ -24,8 +24,8 @@ from .hooks import ModelHooks
 from .options import check_resolution, global_batch_size, parse_args, resolve_lr
 
 __all__ = ['TrainingSchedule', 'model_create_kwargs', 'mixup_kwargs', 'train_loss_fn', 'train_transform_kwargs',
-           'eval_transform_kwargs', 'bn_agreement', 'loader_batches', 'keep_last_batch', 'updates_per_epoch', 'make_plan', 'build_plan', 'write_plan',
-           'plan_summary']
+           'eval_transform_kwargs', 'bn_agreement', 'loader_batches', 'keep_last_batch', 'updates_per_epoch',
+           'make_plan', 'build_plan', 'write_plan', 'plan_summary']
 
 _logger = logging.getLogger(__name__)
 
@@ -212,8 +212,20 @@ def make_plan(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 def build_plan(args) -> Dict[str, Any]:
-    """Resolves the run of `args` as train.py would, without data or devices; see the README for every key."""
+    """Resolves the run of `args` as train.py would, without data or devices.
+
+    Returns:
+        A JSON-ready dict: model, model_kwargs; world_size, batch_size, grad_accum_steps, global_batch; train_size,
+        updates_per_epoch, epochs (cool-down included), total_updates; optimizer (torch class name and the
+        hyper-parameters it was built with; weight decay is per group); param_groups (weight_decay, lr_scale,
+        parameter names); lr and temperature (None without one) of every update; loss (type, label_smoothing,
+        mixup); aux_losses; clip_grad (value, mode, per_micro_batch); ema; amp; drop_rate, drop_path_rate;
+        sync_bn, dist_bn (`bn_agreement`); train_transform, eval_transform (reprs, non-prefetcher form); and for
+        the summary lr_source, warnings, sched, sched_on_updates, warmup_epochs, cooldown_epochs.
+    """
     cli.check_model_name(args.model)
+    if args.sched == 'plateau':
+        raise UsageError('--sched plateau follows the eval metric, which a plan cannot know')
     world_size = args.plan_world_size
     if world_size < 1 or args.plan_train_size < 1:
         raise UsageError('--plan-world-size and --plan-train-size must be at least 1')
@@ -235,8 +247,6 @@ def build_plan(args) -> Dict[str, Any]:
     hooks = ModelHooks(model)
     schedule = TrainingSchedule(args, optimizer, num_batches, hooks)
     per_epoch = schedule.updates_per_epoch
-    if args.sched == 'plateau':
-        raise UsageError('--sched plateau follows the eval metric, which a plan cannot know')
     lrs, temperatures = _replay(schedule, optimizer, hooks)
 
     names = {id(p): n for n, p in model.named_parameters()}
