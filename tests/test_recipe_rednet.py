@@ -11,8 +11,7 @@ import math
 import pytest
 
 from tests.release_recipes import assert_plan_matches
-from tests.release_recipes.rednet import (
-    RECIPES, release_loader_len, release_lr_by_hook_protocol, release_lr_per_update)
+from tests.release_recipes.rednet import RECIPES, release_loader_len, release_lr_by_hook_protocol, release_lr_per_update
 from training.plan import make_plan
 
 

@@ -7,7 +7,6 @@ bottleneck per stage, 16-channel stem involution, bottleneck widths 16/32/64/128
 import argparse
 import collections
 import math
-
 from pathlib import Path
 
 import pytest
@@ -50,7 +49,7 @@ def _release_involution(layer, x):
     k, s, r = layer.kernel_size, layer.stride, (layer.kernel_size - 1) // 2
     pooled = x if s == 1 else F.avg_pool2d(x, s, s)
     weight = layer.conv2.conv(layer.conv1.activate(layer.conv1.bn(layer.conv1.conv(pooled))))
-    b, c, h, w = x.shape
+    b, c = x.shape[:2]
     oh, ow = weight.shape[-2:]
     weight = weight.view(b, layer.groups, k, k, oh, ow).repeat_interleave(layer.group_channels, dim=1)
     padded = F.pad(x, [r] * 4)
