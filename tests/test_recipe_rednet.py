@@ -1,7 +1,11 @@
 """The five RedNet configs against d-li14/involution's mmcls recipes (tests/release_recipes/rednet.py).
 
 `test_plan_equals_release_recipe` fails on 'lr' until train.py can express mmcv's warm-up: a linear ratio per
-iteration (from 0.25) multiplying a cosine set once per epoch. Every other key already agrees.
+iteration (from 0.25) multiplying a cosine set once per epoch (mmcv v1.2.7 runner/hooks/lr_updater.py L83-88 and
+L113-140 over L236-248). timm's warm-up adds (warmup_lr + t * (lr - warmup_lr) / warmup_t towards the base LR, not
+the epoch's cosine value) and steps with the main schedule (per epoch, or per update for both). The configs step the
+cosine per epoch, exact from update 3130 (epoch 5) on, with a per-epoch warm-up from 0.2 in epochs 0-4 (first
+difference: update 1, 0.2 vs 0.2001917). Every other key already agrees (`test_plan_equals_release_recipe_but_the_lr`).
 """
 import copy
 import functools
