@@ -4,3 +4,4 @@ from . import dwnet
 from . import g_resnext
 from . import od_mobilenetv2
 from . import od_resnet
+from . import rednet

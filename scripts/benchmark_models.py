@@ -55,6 +55,8 @@ PAIRS = {
     'dgconv': ('resnext50_32x4d', [('g_resnext50', {})]),
     'dwnet': ('dwnet_tiny_patch4_window7_224', [('dynamic_dwnet_tiny_patch4_window7_224', {}),
                                                 ('i_dynamic_dwnet_tiny_patch4_window7_224', {})]),
+    'rednet': ('resnet50', [('rednet50', {})]),
+    'rednet26': ('resnet26', [('rednet26', {})]),
 }
 
 

@@ -151,6 +151,15 @@ def test_planes_larger_than_a_block(kernels, k, dilation, stride):
     check(kernels, (1, 2, 23, 19), k, dilation, stride, 1, 'mul', torch.float32)
 
 
+# involution (RedNet): spatial filters only, one head per 16 channels, k 7 in the bottlenecks at stride 1 and 2, k 3
+# in the stem; the gradients autograd asks for (x and the spatial filter)
+@pytest.mark.parametrize('k,stride,dtype', [
+    (7, 1, torch.float64), (7, 2, torch.float64), (3, 1, torch.float64), (7, 2, torch.float32), (7, 2, torch.float16),
+], ids=str)
+def test_involution_shapes(kernels, k, stride, dtype):
+    check(kernels, (2, 32, 14, 10), k, 1, stride, 2, 'mul', dtype, filters='spatial', masks=[(True, False, True)])
+
+
 def test_any_odd_kernel_size(kernels):
     for k in (15, 21):
         check(kernels, (1, 2, 6, 5), k, 1, 1, 1, 'mul')

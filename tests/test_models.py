@@ -12,7 +12,7 @@ import torch
 
 import models  # noqa: F401  (registers the project's models)
 
-PROJECT_MODULES = ('ddf_resnet', 'dwnet', 'g_resnext', 'od_mobilenetv2', 'od_resnet')
+PROJECT_MODULES = ('ddf_resnet', 'dwnet', 'g_resnext', 'od_mobilenetv2', 'od_resnet', 'rednet')
 MODEL_NAMES = sorted(timm.list_models(module=PROJECT_MODULES))
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / 'reference' / 'state_dicts'
 # Forward/backward on CPU is kept to models small enough to build in a second or two.

@@ -52,6 +52,7 @@ FAMILIES = {
     'dynamic_dwnet': ('dynamic_dwnet_tiny_patch4_window7_224', dict(embed_dim=16, depths=(1, 1), impl=IMPL)),
     'i_dynamic_dwnet': ('i_dynamic_dwnet_tiny_patch4_window7_224',
                         dict(embed_dim=16, depths=(1, 1), group_channels=(4, 8), impl=IMPL)),
+    'rednet': ('rednet26', dict(layers=(1, 1, 1, 1), stem_channels=32, base_channels=16, impl=IMPL)),
 }
 # Families whose attention branch normalizes pooled features with BatchNorm: a training batch of 1 is an error.
 POOLED_BN_FAMILIES = ('od_resnet_1x', 'od_resnet_4x', 'od_mobilenetv2_4x', 'dynamic_dwnet')

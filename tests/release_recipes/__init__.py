@@ -1,7 +1,7 @@
 """Each config's recipe as its release's own code defines it, and the comparison with `train.py --plan`.
 
-One module per family (`odconv.py`, `dwnet.py`, `ddf.py`, `dgconv.py`) exposes `RECIPES`: config path (relative to
-the repository root) -> a function returning the expected plan, a dict with a subset of the plan's keys
+One module per family (`odconv.py`, `dwnet.py`, `ddf.py`, `dgconv.py`, `rednet.py`) exposes `RECIPES`: config path
+(relative to the repository root) -> a function returning the expected plan, a dict with a subset of the plan's keys
 (`training/plan.py`), each value derived from the release's code with its file and line cited beside the rule.
 `param_groups` is compared as a partition of parameter names by (weight_decay, lr_scale); `lr` and `temperature`
 value by value (rel 1e-9); every other key for equality.
