@@ -79,7 +79,10 @@ class _Recorder:
     ['--sched', 'cosine', '--sched-on-updates', '--sched-clock', 'batches', '--warmup-epochs', '1', '--warmup-lr',
      '0.01', '--epochs', '3', '--grad-accum-steps', '3', '--accum-drop-last', '--clip-grad', '1',
      '--clip-per-micro-batch', '--opt', 'adamw', '--lr', '0.05'],
-], ids=['cosine-updates-accum', 'multistep-epochs', 'cosine-batch-clock'])
+    # mmcv's warm-up: a per-epoch cosine scaled from 0.25 over the first 15 updates (into the second epoch)
+    ['--sched', 'cosine', '--warmup-epochs', '0', '--warmup-updates', '15', '--warmup-ratio', '0.25', '--epochs',
+     '3', '--opt', 'sgd', '--lr', '0.1'],
+], ids=['cosine-updates-accum', 'multistep-epochs', 'cosine-batch-clock', 'cosine-mmcv-warmup'])
 def test_run_uses_the_plan(in_process, tiny_imagefolder, tmp_path, schedule):
     """A short CPU run steps with the plan's LR at every update, runs every forward at the plan's temperature and
     builds the plan's parameter groups."""
@@ -148,7 +151,9 @@ def _error_line(argv, tmp_path):
     (['--sched', 'step', '--min-lr', '1e-5'], '--min-lr 1e-05 has no effect with --sched step'),
     (['--warmup-epochs', '0', '--warmup-lr', '0.001'], '--warmup-lr 0.001 has no effect'),
     (['--sched', 'onecycle'], "unknown --sched 'onecycle'"),
-], ids=['lr', 'lr-base', 'epochs', 'milestones', 'min-lr', 'warmup-lr', 'sched'])
+    (['--warmup-epochs', '2', '--warmup-updates', '100'], 'two warm-ups'),
+    (['--warmup-ratio', '0.5'], '--warmup-ratio 0.5 has no effect'),
+], ids=['lr', 'lr-base', 'epochs', 'milestones', 'min-lr', 'warmup-lr', 'sched', 'two-warmups', 'warmup-ratio'])
 def test_bad_resolution_is_one_line(tmp_path, argv, needle):
     assert needle in _error_line(['--model', 'resnet18', '--epochs', '3'] + argv, tmp_path)  # later flags win
 

@@ -207,6 +207,11 @@ def create_parser():
                        help='epoch interval to decay LR')
     group.add_argument('--warmup-epochs', type=int, default=5, metavar='N',
                        help='epochs to warmup LR, if scheduler supports')
+    group.add_argument('--warmup-updates', type=int, default=0, metavar='N',
+                       help="mmcv's linear warm-up: the first N updates run at the schedule's LR times a ratio "
+                            "rising from --warmup-ratio at update 0 towards 1 at update N (with --warmup-epochs 0)")
+    group.add_argument('--warmup-ratio', type=float, default=0.1, metavar='R',
+                       help='the LR ratio of update 0 under --warmup-updates')
     group.add_argument('--warmup-prefix', action='store_true', default=False,
                        help='Exclude warmup period from decay schedule.')
     group.add_argument('--cooldown-epochs', type=int, default=0, metavar='N',
@@ -435,6 +440,12 @@ def check_resolution(args) -> List[str]:
     for flag in ('warmup_epochs', 'cooldown_epochs'):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
+    if args.warmup_updates < 0 or not 0 < args.warmup_ratio <= 1:
+        raise UsageError(f'--warmup-updates must not be negative and --warmup-ratio must be in (0, 1], got '
+                         f'{args.warmup_updates} and {args.warmup_ratio:g}')
+    if args.warmup_updates and args.warmup_epochs:
+        raise UsageError('--warmup-updates (a ratio of the schedule) and --warmup-epochs (a ramp to it) are two '
+                         'warm-ups; set --warmup-epochs 0 or drop --warmup-updates')
     if args.sched_clock != 'updates' and not args.sched_on_updates:
         raise UsageError(f'--sched-clock {args.sched_clock} applies to per-update schedules; add --sched-on-updates')
     if args.accum_drop_last and args.grad_accum_steps == 1:
@@ -451,6 +462,8 @@ def check_resolution(args) -> List[str]:
                    if args.sched not in scheds and getattr(args, dest) != defaults.get_default(dest)]
     if args.sched == 'none' or args.warmup_epochs == 0:
         ineffective += [d for d in ('warmup_lr', 'warmup_prefix') if getattr(args, d) != defaults.get_default(d)]
+    if not args.warmup_updates and args.warmup_ratio != defaults.get_default('warmup_ratio'):
+        ineffective.append('warmup_ratio')
     if ineffective:
         flag = ineffective[0].replace('_', '-')
         raise UsageError(f"--{flag} {getattr(args, ineffective[0])} has no effect with --sched {args.sched}"

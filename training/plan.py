@@ -38,6 +38,8 @@ class TrainingSchedule:
 
     The training loop calls `start_update` before the forward pass(es) of every update, `end_update` after its
     optimizer step and `end_epoch` after each epoch (timm legacy_train's order); the plan makes the same calls.
+    ``--warmup-updates`` scales the scheduler's LR of the first updates (mmcv's linear warm-up,
+    mmcv/runner/hooks/lr_updater.py `get_warmup_lr`): the scheduler's own values are kept to scale them afresh.
 
     Args:
         args: Resolved train.py options (``args.lr`` set).
@@ -56,6 +58,23 @@ class TrainingSchedule:
             optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing_metric),
             updates_per_epoch=num_batches if self.batch_clock else self.updates_per_epoch)
         self.hooks = hooks
+        self.optimizer = optimizer
+        self.warmup_updates, self.warmup_ratio = args.warmup_updates, args.warmup_ratio
+        self._keep_scheduled_lr()
+
+    def _keep_scheduled_lr(self):
+        """Called whenever the scheduler has written the groups' LR: the values a warm-up scales."""
+        self._scheduled_lr = [g['lr'] for g in self.optimizer.param_groups]
+
+    def set_update_lr(self, epoch: int, update_idx: int):
+        """The LR of update `update_idx` of `epoch`: the scheduler's, scaled during a --warmup-updates warm-up."""
+        if not self.warmup_updates:
+            return
+        t = epoch * self.updates_per_epoch + update_idx
+        ratio = 1.0 if t >= self.warmup_updates else (
+            self.warmup_ratio + (1 - self.warmup_ratio) * t / self.warmup_updates)
+        for group, lr in zip(self.optimizer.param_groups, self._scheduled_lr):
+            group['lr'] = lr * ratio
 
     def progress(self, epoch: int, update_idx: int) -> float:
         """Fractional epochs done once update `update_idx` of `epoch` completes: what the model's hooks are given
@@ -70,15 +89,18 @@ class TrainingSchedule:
         return epoch * self.updates_per_epoch + update_idx + 1
 
     def start_update(self, epoch: int, update_idx: int):
+        self.set_update_lr(epoch, update_idx)
         self.hooks.set_progress(self.progress(epoch, update_idx))
 
     def end_update(self, epoch: int, update_idx: int, metric: Optional[float] = None):
         if self.lr_scheduler is not None and not self.lr_scheduler.t_in_epochs:  # else timm's step_update is a no-op
             self.lr_scheduler.step_update(num_updates=self._clock_after(epoch, update_idx), metric=metric)
+            self._keep_scheduled_lr()
 
     def end_epoch(self, epoch: int, metric: Optional[float] = None):
-        if self.lr_scheduler is not None:
+        if self.lr_scheduler is not None and self.lr_scheduler.t_in_epochs:  # else timm's step is a no-op
             self.lr_scheduler.step(epoch + 1, metric)
+            self._keep_scheduled_lr()
 
     def resume_at(self, epoch: int, updates_done: int):
         """Positions the scheduler as the loop leaves it after `updates_done` updates of `epoch`."""
@@ -86,6 +108,7 @@ class TrainingSchedule:
             return
         if self.lr_scheduler.t_in_epochs:
             self.lr_scheduler.step(epoch)
+            self._keep_scheduled_lr()
         elif updates_done:
             self.end_update(epoch, updates_done - 1)
         else:
@@ -319,6 +342,7 @@ def _replay(schedule: TrainingSchedule, optimizer, hooks: ModelHooks):
     lrs, temperatures = [], []
     for epoch in range(schedule.num_epochs):
         for update_idx in range(schedule.updates_per_epoch):
+            schedule.set_update_lr(epoch, update_idx)
             if scheduled is not None:
                 temperatures.append(scheduled(schedule.progress(epoch, update_idx)).get('temperature'))
             lrs.append(group['lr'] / scale)
