@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from models._helpers import CheckpointError, load_checkpoint_file, load_weights, state_dict_mismatch
+from models._helpers import CheckpointError, load_checkpoint_file, load_weights, state_dict_mismatch, unwrap_state_dict
 
 TINY_MODEL = 'test_resnet'  # timm's 0.4M-parameter test ResNet: builds in milliseconds
 
@@ -322,3 +322,43 @@ def test_not_a_dict(tmp_path):
     torch.save([torch.zeros(1)], path)
     with pytest.raises(CheckpointError, match='holds a list, not a state_dict'):
         load_weights(_tiny(0), str(path))
+
+
+@pytest.mark.parametrize('prefix', ['_orig_mod.module.', 'module._orig_mod.', 'module.module.', '_orig_mod.'])
+def test_every_wrapper_prefix_is_stripped(prefix):
+    """compile(DDP(m)), DDP(compile(m)), nested DataParallel: all wrappers go, and only them ('modules.' stays)."""
+    weights = {'modules.0.weight': torch.ones(1), 'fc.bias': torch.zeros(2)}
+    state_dict, key = unwrap_state_dict({'state_dict': {prefix + k: v for k, v in weights.items()}})
+    assert key == 'state_dict' and state_dict.keys() == weights.keys()
+    assert all(state_dict[k] is v for k, v in weights.items())
+
+
+class _HeadNet(nn.Module):
+    """No pretrained cfg: the classifier is found through get_classifier()."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, num_classes)
+
+    def get_classifier(self):
+        return self.head
+
+
+def test_fine_tuning_start_finds_the_classifier_without_a_pretrained_cfg(tmp_path):
+    torch.manual_seed(0)
+    src = _HeadNet(5)
+    path = tmp_path / 'five.pth'
+    torch.save({'state_dict': src.state_dict()}, path)
+    dst = _HeadNet(3)
+    head = dst.head.weight.clone()
+    load_weights(dst, str(path), adapt=True)
+    assert torch.equal(dst.body.weight, src.body.weight) and torch.equal(dst.head.weight, head)
+    same = _HeadNet(5)
+    load_weights(same, str(path), adapt=True)  # a classifier that fits is loaded too
+    _assert_same_weights(same, src.state_dict())
+    headless = tmp_path / 'headless.pth'
+    torch.save({k: v for k, v in src.state_dict().items() if k.startswith('body.')}, headless)
+    load_weights(_HeadNet(3), str(headless), adapt=True)  # no classifier in the file: the model's stays
+    with pytest.raises(CheckpointError, match=r'mis-shaped \[head.weight \(5, 4\) vs model \(3, 4\)'):
+        load_weights(_HeadNet(3), str(path))

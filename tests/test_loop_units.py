@@ -1,0 +1,143 @@
+"""The training loop's resolution and scheduling pieces without data: LR scaling (training/options.py) and the LR
+schedule's position after a resume (TrainingSchedule.resume_at through ExactResume.start). Each test runs in well
+under a second, so the mutation check (scripts/mutation_check.py) runs them for every mutant."""
+import os
+
+import pytest
+import torch
+import yaml
+
+from training.hooks import ModelHooks
+from training.options import args_for_yaml, parse_args, resolve_lr
+from training.plan import TrainingSchedule, make_plan
+from training.resume import ExactResume
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# timm's rule (train.py): sqrt scaling for the adaptive optimizers, whose names hold 'ada' or 'lamb'
+LINEAR_OPTS = ['sgd', 'momentum', 'nesterov', 'rmsprop', 'lars', 'lion']
+SQRT_OPTS = ['adam', 'AdamW', 'nadam', 'radam', 'adagrad', 'adafactor', 'adabelief', 'lamb', 'lambc']
+
+
+@pytest.mark.parametrize('base_size', [256, 512])
+@pytest.mark.parametrize('opt, rule', [(o, 'linear') for o in LINEAR_OPTS] + [(o, 'sqrt') for o in SQRT_OPTS])
+def test_lr_base_scaled_by_the_optimizers_rule(opt, rule, base_size):
+    # 64 per process x 8 processes x 2 accumulation steps = 1024 images per update
+    args = parse_args(['--opt', opt, '--lr-base', '0.1', '--lr-base-size', str(base_size), '-b', '64',
+                       '--grad-accum-steps', '2'])
+    source = resolve_lr(args, world_size=8)
+    ratio = 1024 / base_size
+    assert args.lr == pytest.approx(0.1 * (ratio if rule == 'linear' else ratio ** 0.5), rel=1e-12)
+    assert args.lr_base_scale == rule
+    assert source == f'lr_base 0.1 x 1024/{base_size} with {rule} scaling'
+
+
+@pytest.mark.parametrize('opt', ['sgd', 'adamw'])
+@pytest.mark.parametrize('scale', ['linear', 'sqrt'])
+def test_lr_base_scale_flag_overrides_the_optimizers_rule(opt, scale):
+    args = parse_args(['--opt', opt, '--lr-base', '0.3', '--lr-base-size', '512', '--lr-base-scale', scale,
+                       '-b', '32'])
+    resolve_lr(args, world_size=4)  # 128 images per update: a quarter of the reference batch
+    assert args.lr == pytest.approx(0.3 * (0.25 if scale == 'linear' else 0.5), rel=1e-12)
+    assert args.lr_base_scale == scale
+
+
+def test_lr_flag_is_taken_as_given():
+    args = parse_args(['--opt', 'adamw', '--lr', '0.003', '--lr-base', '0.1', '-b', '1024'])
+    assert resolve_lr(args, world_size=8) == 'set by --lr'
+    assert args.lr == 0.003 and args.lr_base_scale == ''
+
+
+def test_recipe_with_reference_batch_512_plans_its_scaled_lr():
+    """DWNet's recipes scale by 512 (main.py L349); the plan (train.py --plan) optimizes with that LR."""
+    config = os.path.join(ROOT, 'configs', 'dwnet', 'dwnet_tiny_patch4_window7_224.yaml')
+    with open(config) as f:
+        cfg = yaml.safe_load(f)
+    plan = make_plan(['--config', config, '--plan-world-size', '2', '--plan-train-size', '4096'])
+    batch = cfg['batch_size'] * 2 * cfg.get('grad_accum_steps', 1)
+    assert plan['optimizer']['lr'] == pytest.approx(cfg['lr_base'] * batch / 512, rel=1e-12)
+    assert plan['lr_source'].endswith(f'x {batch}/512 with linear scaling')
+
+
+# --- where a resumed run's LR schedule starts ---
+
+SCHEDULES = {
+    'per_update': ['--sched', 'cosine', '--sched-on-updates', '--warmup-epochs', '1', '--warmup-lr', '0.001'],
+    'per_update_accum': ['--sched', 'cosine', '--sched-on-updates', '--warmup-epochs', '1', '--warmup-lr', '0.001',
+                         '--grad-accum-steps', '3'],
+    'batch_clock': ['--sched', 'cosine', '--sched-on-updates', '--sched-clock', 'batches', '--warmup-epochs', '1',
+                    '--warmup-lr', '0.001', '--grad-accum-steps', '3', '--accum-drop-last'],
+    'per_epoch': ['--sched', 'step', '--decay-epochs', '1', '--decay-rate', '0.5', '--warmup-epochs', '0'],
+}
+NUM_BATCHES = 10  # loader batches per epoch
+
+
+def _schedule(argv):
+    args = parse_args(['--lr', '0.1', '--epochs', '3', *argv])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    return args, optimizer, TrainingSchedule(args, optimizer, NUM_BATCHES, ModelHooks(torch.nn.Linear(1, 1)))
+
+
+def _straight_run(argv):
+    """The LR of every update of an uninterrupted run, and the checkpoints it writes: a recovery checkpoint after
+    every update inside an epoch, an epoch checkpoint after each epoch (both before the scheduler steps, as train.py
+    saves them)."""
+    _, optimizer, schedule = _schedule(argv)
+    lrs, checkpoints = {}, []
+    for epoch in range(schedule.num_epochs):
+        for update_idx in range(schedule.updates_per_epoch):
+            lrs[epoch, update_idx] = optimizer.param_groups[0]['lr']
+            schedule.start_update(epoch, update_idx)
+            if update_idx + 1 < schedule.updates_per_epoch:
+                checkpoints.append({'epoch': epoch, 'step': update_idx + 1, 'version': 2,
+                                    'scheduler': schedule.lr_scheduler.state_dict()})
+            schedule.end_update(epoch, update_idx)
+        checkpoints.append({'epoch': epoch, 'step': None, 'version': 2,
+                            'scheduler': schedule.lr_scheduler.state_dict()})
+        schedule.end_epoch(epoch)
+    return lrs, checkpoints
+
+
+@pytest.mark.parametrize('name', list(SCHEDULES))
+def test_resume_sets_the_lr_of_the_next_update(name):
+    """From every checkpoint of a run, the resumed schedule gives the next update, and every one after it, the
+    straight run's LR."""
+    lrs, checkpoints = _straight_run(SCHEDULES[name])
+    # a wrong position shows: most updates (per-update schedules) or every epoch (per-epoch) have their own LR
+    per_update = '--sched-on-updates' in SCHEDULES[name]
+    assert len(set(lrs.values())) > (len(lrs) // 2 if per_update else 2)
+    for checkpoint in checkpoints[:-1]:
+        args, optimizer, schedule = _schedule(SCHEDULES[name])
+        resume = ExactResume(args, checkpoint, 'ckpt.pth.tar')
+        epoch = resume.start(schedule)
+        update_idx = checkpoint['step'] or 0
+        assert (epoch, resume.start_update) == (
+            (checkpoint['epoch'], update_idx) if checkpoint['step'] else (checkpoint['epoch'] + 1, 0))
+        for e in range(epoch, schedule.num_epochs):
+            for u in range(update_idx if e == epoch else 0, schedule.updates_per_epoch):
+                assert optimizer.param_groups[0]['lr'] == lrs[e, u], (checkpoint['epoch'], checkpoint['step'], e, u)
+                schedule.end_update(e, u)
+            schedule.end_epoch(e)
+
+
+def test_resume_of_a_fresh_checkpoint_free_run_and_start_epoch_flag():
+    args, optimizer, schedule = _schedule(SCHEDULES['per_epoch'])
+    assert ExactResume(args).start(schedule) == 0 and optimizer.param_groups[0]['lr'] == 0.1
+    args, optimizer, schedule = _schedule(SCHEDULES['per_epoch'] + ['--start-epoch', '2'])
+    assert ExactResume(args).start(schedule) == 2
+    assert optimizer.param_groups[0]['lr'] == pytest.approx(0.025)  # halved after each of epochs 0 and 1
+    # a timm checkpoint of version 1 holds the epoch to start
+    args, optimizer, schedule = _schedule(SCHEDULES['per_epoch'])
+    assert ExactResume(args, {'epoch': 1, 'version': 1}, 'old.pth.tar').start(schedule) == 1
+    assert optimizer.param_groups[0]['lr'] == pytest.approx(0.05)
+
+
+def test_args_for_yaml_is_a_config_again(tmp_path):
+    """args.yaml of a run (every option by dest, --config itself left out) gives the same options back."""
+    args = parse_args(['--opt', 'adamw', '--lr-base-size', '512', '--model-kwargs', 'kernel_num=4', '--epochs', '7'])
+    values = args_for_yaml(args)
+    assert 'config' not in values and values['lr_base_size'] == 512 and values['model_kwargs'] == {'kernel_num': 4}
+    path = tmp_path / 'args.yaml'
+    path.write_text(yaml.safe_dump(values))
+    again = parse_args(['--config', str(path)])
+    assert args_for_yaml(again) == values
