@@ -345,7 +345,7 @@ class _HeadNet(nn.Module):
         return self.head
 
 
-def test_fine_tuning_start_finds_the_classifier_without_a_pretrained_cfg(tmp_path):
+def test_fine_tuning_start_finds_the_classifier_without_a_pretrained_cfg(tmp_path, caplog):
     torch.manual_seed(0)
     src = _HeadNet(5)
     path = tmp_path / 'five.pth'
@@ -359,6 +359,50 @@ def test_fine_tuning_start_finds_the_classifier_without_a_pretrained_cfg(tmp_pat
     _assert_same_weights(same, src.state_dict())
     headless = tmp_path / 'headless.pth'
     torch.save({k: v for k, v in src.state_dict().items() if k.startswith('body.')}, headless)
+    caplog.set_level('INFO')
     load_weights(_HeadNet(3), str(headless), adapt=True)  # no classifier in the file: the model's stays
+    assert 'classifier head not loaded (checkpoint: none, model: ? classes)' in caplog.text
     with pytest.raises(CheckpointError, match=r'mis-shaped \[head.weight \(5, 4\) vs model \(3, 4\)'):
         load_weights(_HeadNet(3), str(path))
+
+
+class _TwoStems(nn.Module):
+    """Two input convs named by the pretrained cfg; stem `a` takes 2 channels, stem `b` 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 4, 3)
+        self.b = nn.Conv2d(1, 4, 3)
+        self.pretrained_cfg = {'first_conv': ('a', 'b')}
+
+
+def _stems_file(tmp_path, a_shape):
+    torch.manual_seed(0)
+    weights = {'b.weight': torch.randn(4, 3, 3, 3), 'b.bias': torch.randn(4), 'a.bias': torch.randn(4)}
+    if a_shape is not None:
+        weights['a.weight'] = torch.randn(a_shape)
+    path = tmp_path / f'stems_{a_shape}.pth'
+    torch.save(weights, path)
+    return str(path), weights
+
+
+@pytest.mark.parametrize('a_shape, a_misshaped', [
+    ((4, 2, 3, 3), False),  # fits already
+    ((5, 3, 3, 3), True),  # other output channels: not an input-channel difference
+    ((4, 4, 3, 3), True),  # 4 to 2 channels: timm's adapt_input_conv cannot
+], ids=['fits', 'out-channels', 'unsupported'])
+def test_every_first_conv_is_adapted_whatever_the_one_before(tmp_path, a_shape, a_misshaped):
+    path, weights = _stems_file(tmp_path, a_shape)
+    model = _TwoStems()
+    if a_misshaped:
+        with pytest.raises(CheckpointError, match=r': 1 mis-shaped \[a.weight'):
+            load_weights(model, path, adapt=True)
+        return
+    load_weights(model, path, adapt=True)
+    torch.testing.assert_close(model.b.weight, weights['b.weight'].sum(1, keepdim=True))
+
+
+def test_first_conv_missing_from_the_file_is_reported(tmp_path):
+    path, _ = _stems_file(tmp_path, None)
+    with pytest.raises(CheckpointError, match=r'1 missing \[a.weight\]'):
+        load_weights(_TwoStems(), path, adapt=True)

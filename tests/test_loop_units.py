@@ -9,7 +9,8 @@ import yaml
 
 from training.hooks import ModelHooks
 from training.options import args_for_yaml, parse_args, resolve_lr
-from training.plan import TrainingSchedule, make_plan
+from training.plan import (
+    TrainingSchedule, loader_batches, make_plan, model_create_kwargs, samples_per_process, updates_per_epoch)
 from training.resume import ExactResume
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,3 +142,31 @@ def test_args_for_yaml_is_a_config_again(tmp_path):
     path.write_text(yaml.safe_dump(values))
     again = parse_args(['--config', str(path)])
     assert args_for_yaml(again) == values
+
+
+# --- batch arithmetic and model arguments the loop and the plan share ---
+
+def test_batches_and_updates_per_epoch():
+    assert [loader_batches(80, 12, drop_last) for drop_last in (True, False)] == [6, 7]
+    assert [loader_batches(84, 12, drop_last) for drop_last in (True, False)] == [7, 7]
+    assert [updates_per_epoch(7, 3, drop) for drop in (True, False)] == [2, 3]
+    # DistributedSampler pads to equal shares; timm's RepeatAugSampler draws whole 256-sample blocks per process
+    assert [samples_per_process(1001, w) for w in (1, 4)] == [1001, 251]
+    assert samples_per_process(1000, 4, aug_repeats=3) == 192
+
+
+def test_schedule_progress_counts_the_running_update():
+    _, _, schedule = _schedule(['--grad-accum-steps', '3'])  # 10 batches: 4 updates, the last of one batch
+    assert schedule.updates_per_epoch == 4
+    assert [schedule.progress(1, u) for u in range(4)] == [1.25, 1.5, 1.75, 2.0]
+
+
+def test_model_create_kwargs_from_the_options():
+    args = parse_args(['--num-classes', '7', '--drop', '0.1', '--drop-path', '0.2', '--drop-block', '0.3', '--gp',
+                       'max', '--bn-momentum', '0.05', '--bn-eps', '1e-4', '--in-chans', '1', '--model-kwargs',
+                       'kernel_num=4'])
+    assert model_create_kwargs(args) == dict(
+        in_chans=1, num_classes=7, drop_rate=0.1, drop_path_rate=0.2, drop_block_rate=0.3, global_pool='max',
+        bn_momentum=0.05, bn_eps=1e-4, kernel_num=4)
+    assert model_create_kwargs(parse_args(['--input-size', '2', '32', '32']))['in_chans'] == 2
+    assert model_create_kwargs(parse_args([]))['in_chans'] == 3
