@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from models.layers.odconv import odconv_temperature
 from training.hooks import ModelHooks
 from training.options import args_for_yaml, parse_args, resolve_lr
 from training.plan import (
@@ -170,3 +171,41 @@ def test_model_create_kwargs_from_the_options():
         bn_momentum=0.05, bn_eps=1e-4, kernel_num=4)
     assert model_create_kwargs(parse_args(['--input-size', '2', '32', '32']))['in_chans'] == 2
     assert model_create_kwargs(parse_args([]))['in_chans'] == 3
+
+
+@pytest.mark.parametrize('name', ['per_update', 'per_update_accum', 'per_epoch'])
+def test_plan_replays_the_loops_schedule(name):
+    """--plan lists the LR of every update as the loop steps it (80 images in batches of 8: the 10 batches above)."""
+    lrs, _ = _straight_run(SCHEDULES[name])
+    plan = make_plan(['--model', 'resnet10t', '-b', '8', '--plan-train-size', '80', '--lr', '0.1', '--epochs', '3',
+                      *SCHEDULES[name]])
+    assert plan['lr'] == [lrs[k] for k in sorted(lrs)]
+    assert plan['temperature'] is None  # no scheduled values in a plain ResNet
+
+
+def test_plan_lists_odconv_temperature_of_every_update():
+    plan = make_plan(['--model', 'od_resnet18', '--model-kwargs', 'layers=[1,1,1,1]', 'temp_epochs=1.5', '-b', '8',
+                      '--plan-train-size', '80', '--lr', '0.1', '--epochs', '2', '--warmup-epochs', '0'])
+    # each update's forward runs at the temperature of the epochs done once it completes (ODConv main.py L279-282)
+    expected = [odconv_temperature(e + (u + 1) / 10, temp_epochs=1.5) for e in range(2) for u in range(10)]
+    assert plan['temperature'] == pytest.approx(expected, rel=1e-12)
+
+
+def test_model_hooks_of_a_model_without_them():
+    hooks = ModelHooks(torch.nn.Linear(1, 1))
+    assert hooks.scheduled(1.0) == {} and hooks.auxiliary_losses() == [] and hooks.state() is None
+
+
+@pytest.mark.parametrize('argv, expected', [
+    (['--model-kwargs', 'act=gelu', 'kernel_num=4', 'sizes=[1,2]'], {'act': 'gelu', 'kernel_num': 4, 'sizes': [1, 2]}),
+    (['--model-kwargs', 'expr=a=b'], {'expr': 'a=b'}),  # the first '=' splits
+])
+def test_model_kwargs_values(argv, expected):
+    assert parse_args(argv).model_kwargs == expected
+
+
+@pytest.mark.parametrize('item', ['no_value', '=4'])
+def test_model_kwargs_without_a_key_or_value_is_a_usage_error(item, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(['--model-kwargs', item])
+    assert f"--model-kwargs takes key=value pairs, got '{item}'" in capsys.readouterr().err
