@@ -166,9 +166,9 @@ def test_model_create_kwargs_from_the_options():
     args = parse_args(['--num-classes', '7', '--drop', '0.1', '--drop-path', '0.2', '--drop-block', '0.3', '--gp',
                        'max', '--bn-momentum', '0.05', '--bn-eps', '1e-4', '--in-chans', '1', '--model-kwargs',
                        'kernel_num=4'])
-    assert model_create_kwargs(args) == dict(
-        in_chans=1, num_classes=7, drop_rate=0.1, drop_path_rate=0.2, drop_block_rate=0.3, global_pool='max',
-        bn_momentum=0.05, bn_eps=1e-4, kernel_num=4)
+    assert model_create_kwargs(args) == {
+        'in_chans': 1, 'num_classes': 7, 'drop_rate': 0.1, 'drop_path_rate': 0.2, 'drop_block_rate': 0.3,
+        'global_pool': 'max', 'bn_momentum': 0.05, 'bn_eps': 1e-4, 'kernel_num': 4}
     assert model_create_kwargs(parse_args(['--input-size', '2', '32', '32']))['in_chans'] == 2
     assert model_create_kwargs(parse_args([]))['in_chans'] == 3
 
