@@ -1,6 +1,7 @@
-"""The training loop's resolution and scheduling pieces without data: LR scaling (training/options.py) and the LR
-schedule's position after a resume (TrainingSchedule.resume_at through ExactResume.start). Each test runs in well
-under a second, so the mutation check (scripts/mutation_check.py) runs them for every mutant."""
+"""The training loop's resolution and scheduling pieces, without data: LR scaling, the LR schedule's position after a
+resume (TrainingSchedule.resume_at through ExactResume.start), the batch arithmetic, model and option arguments and
+the plan's replay of the schedule. Each test takes at most a second or two, so the mutation check
+(scripts/mutation_check.py) runs them for every mutant of these functions."""
 import os
 
 import pytest
