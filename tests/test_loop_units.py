@@ -210,3 +210,33 @@ def test_model_kwargs_without_a_key_or_value_is_a_usage_error(item, capsys):
     with pytest.raises(SystemExit):
         parse_args(['--model-kwargs', item])
     assert f"--model-kwargs takes key=value pairs, got '{item}'" in capsys.readouterr().err
+
+
+def _config_error(tmp_path, text):
+    path = tmp_path / 'cfg.yaml'
+    path.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        parse_args(['--config', str(path)])
+    return e.value.code.replace(str(path), 'CFG')
+
+
+def test_config_errors_are_exact_one_liners(tmp_path):
+    """Where the YAML breaks (1-based line and column), the first line of errors without a position, the closest
+    option for a misspelt key, and a hint otherwise; 'config' is no key of a config."""
+    assert _config_error(tmp_path, 'lr: [0.1\nepochs: 2\n') == (
+        "train.py: error: config file 'CFG' is not valid YAML: expected ',' or ']', but got ':' at line 2, column 7")
+    assert _config_error(tmp_path, 'lr: 0.1\nepochs: \x07\n') == (
+        "train.py: error: config file 'CFG' is not valid YAML: unacceptable character #x0007: special characters "
+        "are not allowed")
+    assert _config_error(tmp_path, 'lr_bse: 0.1\n') == (
+        "train.py: error: unknown key 'lr_bse' in config file 'CFG'; did you mean 'lr_base'?")
+    hint = "keys are option dest names such as 'lr_base'"
+    assert _config_error(tmp_path, 'zzzz: 1\n') == f"train.py: error: unknown key 'zzzz' in config file 'CFG'; {hint}"
+    assert _config_error(tmp_path, 'config: x.yaml\n').startswith("train.py: error: unknown key 'config'")
+
+
+def test_config_path_is_kept_in_the_options(tmp_path):
+    path = tmp_path / 'cfg.yaml'
+    path.write_text('epochs: 3\n')
+    args = parse_args(['--config', str(path)])
+    assert args.config == str(path) and args.epochs == 3
