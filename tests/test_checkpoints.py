@@ -406,3 +406,38 @@ def test_first_conv_missing_from_the_file_is_reported(tmp_path):
     path, _ = _stems_file(tmp_path, None)
     with pytest.raises(CheckpointError, match=r'1 missing \[a.weight\]'):
         load_weights(_TwoStems(), path, adapt=True)
+
+
+def test_empty_and_one_byte_files_are_told_apart(tmp_path):
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    (tmp_path / 'one.pth').write_bytes(b'x')
+    with pytest.raises(CheckpointError, match=r'is empty \(0 bytes\)'):
+        load_checkpoint_file(tmp_path / 'empty.pth')
+    with pytest.raises(CheckpointError, match='is not a PyTorch checkpoint'):
+        load_checkpoint_file(tmp_path / 'one.pth')
+
+
+def test_map_location_is_passed_on(tmp_path):
+    path = tmp_path / 'w.pth'
+    torch.save({'w': torch.ones(2)}, path)
+    assert load_checkpoint_file(path, map_location='meta')['w'].is_meta
+
+
+def test_non_tensor_weights_are_refused_and_ema_only_files_said(caplog):
+    with pytest.raises(CheckpointError, match=r"non-tensor entries \['step'\]"):
+        unwrap_state_dict({'state_dict': {'w': torch.ones(1), 'step': 3}})
+    caplog.set_level('INFO')
+    unwrap_state_dict({'state_dict': {'w': torch.ones(1)}, 'epoch': 1})
+    assert 'only EMA' not in caplog.text
+    unwrap_state_dict({'state_dict_ema': {'w': torch.ones(1)}, 'epoch': 1})
+    assert 'Checkpoint holds only EMA weights (state_dict_ema); using them.' in caplog.text
+
+
+def test_messages_name_the_file_or_say_checkpoint(tmp_path):
+    path = tmp_path / 'other.pth'
+    torch.save(timm.create_model(TINY_MODEL, num_classes=3).state_dict(), path)
+    with pytest.raises(CheckpointError, match=f'^checkpoint {path} has 3 classes'):
+        load_weights(_tiny(0), str(path))
+    with pytest.raises(CheckpointError, match='has 3 classes') as e:  # weights given as a dict: no file to name
+        load_weights(_tiny(0), torch.load(path, weights_only=True))
+    assert 'None' not in str(e.value)
