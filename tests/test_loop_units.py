@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from models.layers.odconv import odconv_temperature
+from models.layers.odconv import ODConv2d, ODConvTrainingHooks, odconv_temperature
 from training.hooks import ModelHooks
 from training.options import args_for_yaml, parse_args, resolve_lr
 from training.plan import (
@@ -240,3 +240,26 @@ def test_config_path_is_kept_in_the_options(tmp_path):
     path.write_text('epochs: 3\n')
     args = parse_args(['--config', str(path)])
     assert args.config == str(path) and args.epochs == 3
+
+
+# --- ODConv's scheduled temperature and its hook state ---
+
+class _OneODConv(ODConvTrainingHooks, torch.nn.Module):
+    def __init__(self, layers: int = 1):
+        super().__init__()
+        self.convs = torch.nn.ModuleList(ODConv2d(8, 8, 3, padding=1, kernel_num=2) for _ in range(layers))
+
+
+def test_odconv_temperature_over_one_epoch_and_none():
+    assert odconv_temperature(0.5, temp_init=30., temp_epochs=1.) == 15.5
+    assert odconv_temperature(1.5, temp_init=30., temp_epochs=1.) == 1.
+    assert odconv_temperature(0.5, temp_init=30., temp_epochs=0.) == 1.
+
+
+def test_odconv_hook_state_and_log():
+    assert _OneODConv(layers=0).training_hook_log() == {'temperature': 1.}  # no attention: the eval temperature
+    model = _OneODConv()
+    model.set_temperature(7.)
+    assert model.training_hook_log() == model.training_hook_state() == {'temperature': 7.}
+    model.load_training_hook_state({})  # a state without a temperature (older checkpoints): 1
+    assert model.training_hook_log() == {'temperature': 1.}
