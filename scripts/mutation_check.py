@@ -74,15 +74,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--max-children', type=int, default=2, help='mutants tested at once')
     parser.add_argument('--report-only', action='store_true', help="print the last run's results")
+    parser.add_argument('--survivors-only', action='store_true',
+                        help='rerun only the survivors of the last run (after adding tests for them)')
     args = parser.parse_args()
     start = time.time()
     if not args.report_only:
         # one thread per test process: the children run side by side
         env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONDONTWRITEBYTECODE='1')
-        # a tree with results reruns only the mutants not killed yet (tests only grow); `rm -rf mutants` for all
+        # a tree with results reruns the mutants not killed yet (--survivors-only: only those the last run let
+        # live); `rm -rf mutants` for a fresh run. mutmut forgets a kill when the tests change.
         names = []
         if (ROOT / 'mutants').is_dir():
-            names = sorted(n for n, (s, _) in _results().items() if s not in KILLED)
+            skip = KILLED + (('not checked',) if args.survivors_only else ())
+            names = sorted(n for n, (s, _) in _results().items() if s not in skip)
         run = subprocess.run([sys.executable, '-m', 'mutmut', 'run', '--max-children', str(args.max_children),
                               *(names or TARGETS)], cwd=ROOT, env=env, check=False)
         if run.returncode:

@@ -2,6 +2,7 @@
 resume (TrainingSchedule.resume_at through ExactResume.start), the batch arithmetic, model and option arguments and
 the plan's replay of the schedule. Each test takes at most a second or two, so the mutation check
 (scripts/mutation_check.py) runs them for every mutant of these functions."""
+import math
 import os
 
 import pytest
@@ -263,3 +264,47 @@ def test_odconv_hook_state_and_log():
     assert model.training_hook_log() == model.training_hook_state() == {'temperature': 7.}
     model.load_training_hook_state({})  # a state without a temperature (older checkpoints): 1
     assert model.training_hook_log() == {'temperature': 1.}
+
+
+def _warmup_cosine(t, warmup, total, base=0.1, warmup_lr=0.001):
+    """timm's CosineLRScheduler at time t (warm-up from warmup_lr, then cosine to 0 over `total`, no prefix)."""
+    if t < warmup:
+        return warmup_lr + t * (base - warmup_lr) / warmup
+    return 0.5 * base * (1 + math.cos(math.pi * t / total))
+
+
+@pytest.mark.parametrize('name, times', [
+    # timm's clock: update u of epoch e runs at the value of time 10e + u
+    ('per_update', [10 * e + u for e in range(3) for u in range(10)]),
+    # 4 updates per epoch (the last of one batch): 4e + u
+    ('per_update_accum', [4 * e + u for e in range(3) for u in range(4)]),
+    # Swin's clock: 3 updates of 3 batches per epoch (the 10th dropped); each update runs at the value the previous
+    # one left, its last batch index: 2, 5, 8 in epoch 0, then 12, 15, 18, ...
+    ('batch_clock', [0, 2, 5, 8, 12, 15, 18, 22, 25]),
+], ids=['per_update', 'per_update_accum', 'batch_clock'])
+def test_lr_of_every_update_is_the_schedules_at_its_clock(name, times):
+    lrs, _ = _straight_run(SCHEDULES[name])
+    warmup, total = (4, 12) if name == 'per_update_accum' else (10, 30)
+    assert [lrs[k] for k in sorted(lrs)] == pytest.approx([_warmup_cosine(t, warmup, total) for t in times],
+                                                          rel=1e-12)
+
+
+def test_plan_lists_the_unscaled_lr_with_layer_decay():
+    """With --layer-decay every group has its lr_scale; the plan lists the schedule's LR, as for one group."""
+    argv = ['--model', 'resnet10t', '-b', '8', '--plan-train-size', '80', '--lr', '0.1', '--epochs', '3',
+            *SCHEDULES['per_update']]
+    plan = make_plan(argv + ['--layer-decay', '0.5'])
+    assert plan['param_groups'][0]['lr_scale'] < 1
+    assert plan['lr'] == pytest.approx(make_plan(argv)['lr'], rel=1e-12)
+
+
+@pytest.mark.parametrize('decreasing, metrics, halved', [(True, [1., 2.], True), (True, [2., 1.], False),
+                                                        (False, [1., 2.], False), (False, [2., 1.], True)])
+def test_plateau_follows_the_eval_metric_and_its_direction(decreasing, metrics, halved):
+    args = parse_args(['--lr', '0.1', '--epochs', '3', '--sched', 'plateau', '--patience-epochs', '0',
+                       '--decay-rate', '0.5', '--warmup-epochs', '0'])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    schedule = TrainingSchedule(args, optimizer, NUM_BATCHES, ModelHooks(torch.nn.Linear(1, 1)), decreasing)
+    for epoch, metric in enumerate(metrics):
+        schedule.end_epoch(epoch, metric)
+    assert optimizer.param_groups[0]['lr'] == pytest.approx(0.05 if halved else 0.1)
