@@ -441,3 +441,27 @@ def test_messages_name_the_file_or_say_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match='has 3 classes') as e:  # weights given as a dict: no file to name
         load_weights(_tiny(0), torch.load(path, weights_only=True))
     assert 'None' not in str(e.value)
+
+
+def test_filter_fn_of_the_registering_module_comes_first(monkeypatch):
+    """A model built by an entrypoint of one module from a class of another (DDF-ResNets are timm ResNets) takes the
+    checkpoint_filter_fn of the module that registered it."""
+    import models.ddf_resnet
+    from models._helpers import _model_filter_fn
+
+    def registering(state_dict, model):
+        return state_dict
+
+    def own(state_dict, model):
+        return state_dict
+
+    class Net(nn.Module):
+        pretrained_cfg = {'architecture': 'ddf_mul_resnet50'}
+
+    module = types.ModuleType('net_class_module')
+    module.checkpoint_filter_fn = own
+    Net.__module__ = module.__name__
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    assert _model_filter_fn(Net()) is own  # the registering module has none
+    monkeypatch.setattr(models.ddf_resnet, 'checkpoint_filter_fn', registering, raising=False)
+    assert _model_filter_fn(Net()) is registering
