@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from models._helpers import CheckpointError, load_checkpoint_file, load_weights, state_dict_mismatch
+from models._helpers import CheckpointError, load_checkpoint_file, load_weights, state_dict_mismatch, unwrap_state_dict
 
 TINY_MODEL = 'test_resnet'  # timm's 0.4M-parameter test ResNet: builds in milliseconds
 
@@ -322,3 +322,146 @@ def test_not_a_dict(tmp_path):
     torch.save([torch.zeros(1)], path)
     with pytest.raises(CheckpointError, match='holds a list, not a state_dict'):
         load_weights(_tiny(0), str(path))
+
+
+@pytest.mark.parametrize('prefix', ['_orig_mod.module.', 'module._orig_mod.', 'module.module.', '_orig_mod.'])
+def test_every_wrapper_prefix_is_stripped(prefix):
+    """compile(DDP(m)), DDP(compile(m)), nested DataParallel: all wrappers go, and only them ('modules.' stays)."""
+    weights = {'modules.0.weight': torch.ones(1), 'fc.bias': torch.zeros(2)}
+    state_dict, key = unwrap_state_dict({'state_dict': {prefix + k: v for k, v in weights.items()}})
+    assert key == 'state_dict' and state_dict.keys() == weights.keys()
+    assert all(state_dict[k] is v for k, v in weights.items())
+
+
+class _HeadNet(nn.Module):
+    """No pretrained cfg: the classifier is found through get_classifier()."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, num_classes)
+
+    def get_classifier(self):
+        return self.head
+
+
+def test_fine_tuning_start_finds_the_classifier_without_a_pretrained_cfg(tmp_path, caplog):
+    torch.manual_seed(0)
+    src = _HeadNet(5)
+    path = tmp_path / 'five.pth'
+    torch.save({'state_dict': src.state_dict()}, path)
+    dst = _HeadNet(3)
+    head = dst.head.weight.clone()
+    load_weights(dst, str(path), adapt=True)
+    assert torch.equal(dst.body.weight, src.body.weight) and torch.equal(dst.head.weight, head)
+    same = _HeadNet(5)
+    load_weights(same, str(path), adapt=True)  # a classifier that fits is loaded too
+    _assert_same_weights(same, src.state_dict())
+    headless = tmp_path / 'headless.pth'
+    torch.save({k: v for k, v in src.state_dict().items() if k.startswith('body.')}, headless)
+    caplog.set_level('INFO')
+    load_weights(_HeadNet(3), str(headless), adapt=True)  # no classifier in the file: the model's stays
+    assert 'classifier head not loaded (checkpoint: none, model: ? classes)' in caplog.text
+    with pytest.raises(CheckpointError, match=r'mis-shaped \[head.weight \(5, 4\) vs model \(3, 4\)'):
+        load_weights(_HeadNet(3), str(path))
+
+
+class _TwoStems(nn.Module):
+    """Two input convs named by the pretrained cfg; stem `a` takes 2 channels, stem `b` 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 4, 3)
+        self.b = nn.Conv2d(1, 4, 3)
+        self.pretrained_cfg = {'first_conv': ('a', 'b')}
+
+
+def _stems_file(tmp_path, a_shape):
+    torch.manual_seed(0)
+    weights = {'b.weight': torch.randn(4, 3, 3, 3), 'b.bias': torch.randn(4), 'a.bias': torch.randn(4)}
+    if a_shape is not None:
+        weights['a.weight'] = torch.randn(a_shape)
+    path = tmp_path / f'stems_{a_shape}.pth'
+    torch.save(weights, path)
+    return str(path), weights
+
+
+@pytest.mark.parametrize('a_shape, a_misshaped', [
+    ((4, 2, 3, 3), False),  # fits already
+    ((5, 3, 3, 3), True),  # other output channels: not an input-channel difference
+    ((4, 4, 3, 3), True),  # 4 to 2 channels: timm's adapt_input_conv cannot
+], ids=['fits', 'out-channels', 'unsupported'])
+def test_every_first_conv_is_adapted_whatever_the_one_before(tmp_path, a_shape, a_misshaped):
+    path, weights = _stems_file(tmp_path, a_shape)
+    model = _TwoStems()
+    if a_misshaped:
+        with pytest.raises(CheckpointError, match=r': 1 mis-shaped \[a.weight'):
+            load_weights(model, path, adapt=True)
+        return
+    load_weights(model, path, adapt=True)
+    torch.testing.assert_close(model.b.weight, weights['b.weight'].sum(1, keepdim=True))
+
+
+def test_first_conv_missing_from_the_file_is_reported(tmp_path):
+    path, _ = _stems_file(tmp_path, None)
+    with pytest.raises(CheckpointError, match=r'1 missing \[a.weight\]'):
+        load_weights(_TwoStems(), path, adapt=True)
+
+
+def test_empty_and_one_byte_files_are_told_apart(tmp_path):
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    (tmp_path / 'one.pth').write_bytes(b'x')
+    with pytest.raises(CheckpointError, match=r'is empty \(0 bytes\)'):
+        load_checkpoint_file(tmp_path / 'empty.pth')
+    with pytest.raises(CheckpointError, match='is not a PyTorch checkpoint'):
+        load_checkpoint_file(tmp_path / 'one.pth')
+
+
+def test_map_location_is_passed_on(tmp_path):
+    path = tmp_path / 'w.pth'
+    torch.save({'w': torch.ones(2)}, path)
+    assert load_checkpoint_file(path, map_location='meta')['w'].is_meta
+
+
+def test_non_tensor_weights_are_refused_and_ema_only_files_said(caplog):
+    with pytest.raises(CheckpointError, match=r"non-tensor entries \['step'\]"):
+        unwrap_state_dict({'state_dict': {'w': torch.ones(1), 'step': 3}})
+    caplog.set_level('INFO')
+    unwrap_state_dict({'state_dict': {'w': torch.ones(1)}, 'epoch': 1})
+    assert 'only EMA' not in caplog.text
+    unwrap_state_dict({'state_dict_ema': {'w': torch.ones(1)}, 'epoch': 1})
+    assert 'Checkpoint holds only EMA weights (state_dict_ema); using them.' in caplog.text
+
+
+def test_messages_name_the_file_or_say_checkpoint(tmp_path):
+    path = tmp_path / 'other.pth'
+    torch.save(timm.create_model(TINY_MODEL, num_classes=3).state_dict(), path)
+    with pytest.raises(CheckpointError, match=f'^checkpoint {path} has 3 classes'):
+        load_weights(_tiny(0), str(path))
+    with pytest.raises(CheckpointError, match='has 3 classes') as e:  # weights given as a dict: no file to name
+        load_weights(_tiny(0), torch.load(path, weights_only=True))
+    assert 'None' not in str(e.value)
+
+
+def test_filter_fn_of_the_registering_module_comes_first(monkeypatch):
+    """A model built by an entrypoint of one module from a class of another (DDF-ResNets are timm ResNets) takes the
+    checkpoint_filter_fn of the module that registered it."""
+    import models.ddf_resnet
+    from models._helpers import _model_filter_fn
+
+    def registering(state_dict, model):
+        return state_dict
+
+    def own(state_dict, model):
+        return state_dict
+
+    class Net(nn.Module):
+        pretrained_cfg = {'architecture': 'ddf_mul_resnet50'}
+
+    module = types.ModuleType('net_class_module')
+    module.checkpoint_filter_fn = own
+    Net.__module__ = module.__name__
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    assert _model_filter_fn(Net()) is own  # the registering module has none
+    monkeypatch.setattr(models.ddf_resnet, 'checkpoint_filter_fn', registering, raising=False)
+    assert _model_filter_fn(Net()) is registering

@@ -56,6 +56,31 @@ def test_filter_norm_channel_learned_std():
     assert norm.std.grad is not None and norm.std.grad.abs().sum() > 0
 
 
+def _standardized(v, dim):
+    return (v - v.mean(dim, keepdim=True)) / (v.std(dim, keepdim=True) + 1e-10)
+
+
+def test_filter_norm_spatial_learned_std_and_mean_per_head_and_tap():
+    torch.manual_seed(0)
+    norm = FilterNorm(2, 3, 'spatial', running_std=True, running_mean=True).double()
+    with torch.no_grad():  # every (head, tap) its own value, so a misplaced one shows
+        norm.std.copy_(torch.arange(1., 19.))
+        norm.mean.copy_(torch.arange(18.) / 7)
+    x = torch.randn(3, 18, 4, 5, dtype=torch.float64)
+    v = x.view(3, 2, 9, 4, 5)
+    expected = _standardized(v, 2) * norm.std.view(1, 2, 9, 1, 1) + norm.mean.view(1, 2, 9, 1, 1)
+    torch.testing.assert_close(norm(x), expected.view(3, 18, 4, 5))
+
+
+def test_filter_norm_channel_fixed_gain_and_learned_mean():
+    torch.manual_seed(0)
+    norm = FilterNorm(4, 3, 'channel', 'relu', running_mean=True).double()
+    assert norm.std is None and norm.mean.shape == (36,)
+    x = torch.randn(2, 36, dtype=torch.float64)
+    expected = _standardized(x.view(2, 4, 9), 2).view(2, 36) * (2 ** 0.5 / 3) + norm.mean
+    torch.testing.assert_close(norm(x), expected)
+
+
 def test_filter_norm_rejects_bad_type():
     with pytest.raises(ValueError, match="'spatial' or 'channel'"):
         FilterNorm(1, 3, 'pixel')
@@ -75,6 +100,20 @@ def test_ddf_pack_shape_and_gradients(impl, stride, head, combine):
     assert x.grad.abs().sum() > 0
     for name, p in pack.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize('gen_kernel_size', [1, 5])
+def test_ddf_pack_branches_follow_the_arguments(gen_kernel_size):
+    """dtype, stride, the generator's padding, SE width and the FilterNorm gain of the non-linearity all reach the
+    two filter branches."""
+    pack = DDFPack(10, kernel_size=3, stride=2, se_ratio=0.2, nonlinearity='relu', gen_kernel_size=gen_kernel_size,
+                   impl='reference', dtype=torch.float64)
+    assert {p.dtype for p in pack.parameters()} == {torch.float64}
+    assert pack.channel_branch[1].out_channels == 2  # int(10 x 0.2)
+    assert pack.spatial_branch[-1].gain == pack.channel_branch[-1].gain == pytest.approx(2 ** 0.5 / 3)
+    x = torch.randn(2, 10, 8, 12, dtype=torch.float64)
+    assert pack.spatial_branch(x).shape == (2, 9, 4, 6)
+    assert pack(x).shape == (2, 10, 4, 6)
 
 
 def test_ddf_pack_generator_kernel_names():

@@ -281,6 +281,29 @@ def test_resume_after_hard_kill_is_exact(tiny_imagefolder, tmp_path, in_process,
         assert [r['epoch'] for r in _summary(run)] == ['0', '1']
 
 
+def test_mid_epoch_resume_with_per_update_schedule_is_exact(tiny_imagefolder, tmp_path, in_process, caplog):
+    """--sched-on-updates (every DWNet recipe), killed after a recovery point inside epoch 1: the resumed run sets
+    the LR of the saved update, not of the epoch start, so its weights equal a straight run's bit for bit."""
+    # 10 updates per epoch; a cosine stepped per update gives every update its own LR
+    argv = ['--data-dir', tiny_imagefolder, *TINY, '-j', '1', '--epochs', '2', '--sched', 'cosine',
+            '--sched-on-updates', '--recovery-interval', '4', '--val-split', '', '--output', str(tmp_path)]
+    in_process(argv + ['--experiment', 'straight'])
+    expected = _load(tmp_path / 'straight' / 'last.pth.tar')
+
+    run = tmp_path / 'killed'
+    _kill_when(argv + ['--experiment', 'killed'], tmp_path, lambda: (run / 'recovery-1-3.pth.tar').exists())
+    assert _load(run / 'recovery-1-3.pth.tar')['step'] == 4
+    caplog.set_level(logging.INFO)
+    in_process(argv + ['--experiment', 'killed', '--auto-resume'])
+    assert f"Auto-resume from '{run / 'recovery-1-3.pth.tar'}'" in caplog.text
+    got = _load(run / 'last.pth.tar')
+    _assert_same_tensors(expected['state_dict'], got['state_dict'])
+    _assert_same_tensors(expected['optimizer']['state'][0], got['optimizer']['state'][0])
+    # 'metric' is the loss average the loop hands step_update (only plateau reads it): a resumed epoch averages fewer
+    assert {k: v for k, v in got['scheduler'].items() if k != 'metric'} == {
+        k: v for k, v in expected['scheduler'].items() if k != 'metric'}
+
+
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     """SIGKILL in the middle of writing checkpoint 1: last.pth.tar still holds checkpoint 0 and auto-resume picks it."""
     script = textwrap.dedent(f'''
@@ -401,6 +424,19 @@ def test_corrupt_images_skipped_and_fp16_on_cpu_falls_back(tiny_imagefolder, tmp
     rows = _summary(tmp_path / 'x')
     assert rows[0]['train_skipped_images'] == '2'
     assert _load(tmp_path / 'x' / 'last.pth.tar')['args'].amp_dtype == 'bfloat16'
+
+
+def test_corrupt_images_counted_when_loader_workers_decode(tiny_imagefolder, tmp_path, in_process):
+    """With loader workers (timm's default -j 4) the images are decoded in other processes; the count still reaches
+    summary.csv, per epoch."""
+    data = _copy_data(tiny_imagefolder, tmp_path / 'data')
+    for cls, name in (('circle', 0), ('square', 3), ('square', 5)):
+        folder = os.path.join(data, 'train', cls)
+        with open(os.path.join(folder, sorted(os.listdir(folder))[name]), 'wb') as f:
+            f.write(b'not a jpeg at all')
+    in_process(['--data-dir', data, *TINY, '-j', '2', '--epochs', '2', '--val-split', '', '--output', str(tmp_path),
+                '--experiment', 'x'])
+    assert [r['train_skipped_images'] for r in _summary(tmp_path / 'x')] == ['3', '3']
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_imagefolder, tmp_path, in_process):

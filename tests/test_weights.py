@@ -153,6 +153,40 @@ def test_resume_takes_training_checkpoints_and_points_weight_files_elsewhere(
         assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.parametrize('prefix', ['_orig_mod.module.', 'module._orig_mod.'], ids=['compiled_ddp', 'ddp_compiled'])
+def test_nested_wrapper_prefixes_through_every_weight_flag(prefix, tiny_imagefolder, tmp_path, project_checkpoint,
+                                                          in_process):
+    """A training checkpoint of a compiled DDP model: torch.compile(DDP(m)) saves '_orig_mod.module.' keys,
+    DDP(torch.compile(m)) 'module._orig_mod.'; every flag strips both wrappers and loads strictly."""
+    checkpoint = _load(project_checkpoint)
+    ema = _constant_model(seed=1, ranking=[1])
+    checkpoint['state_dict'] = {prefix + k: v for k, v in checkpoint['state_dict'].items()}
+    checkpoint['state_dict_ema'] = {prefix + k: v for k, v in ema.state_dict().items()}
+    path = tmp_path / 'wrapped.pth.tar'
+    torch.save(checkpoint, path)
+    plain = _constant_model().state_dict()
+
+    runs = (('initial', ['--initial-checkpoint', str(path)], plain),
+            ('initial_ema', ['--initial-checkpoint', str(path), '--use-ema'], ema.state_dict()),
+            ('pretrained_path', ['--pretrained-path', str(path)], plain),
+            ('pretrained', ['--pretrained', *_cfg_file(path)], plain),
+            ('resume', ['--resume', str(path), '--epochs', '2'], plain))
+    for name, flags, expected in runs:
+        in_process(['--data-dir', tiny_imagefolder, *TINY, '--output', str(tmp_path / 'out'), '--experiment', name,
+                    *flags])
+        saved = _load(tmp_path / 'out' / name / 'last.pth.tar')
+        for k in _param_names():  # lr 0: the run saves the weights it loaded
+            assert torch.equal(saved['state_dict'][k], expected[k]), (name, k)
+    assert saved['epoch'] == 1  # the resumed run continued after the checkpoint's epoch 0
+
+    common = [tiny_imagefolder, '--model', MODEL, '--num-classes', str(TINY_NUM_CLASSES), '--img-size', '32', '-b',
+              '20', '-j', '0', '--device', 'cpu']
+    for extra, ranking in ((['--checkpoint', str(path)], RANKING), (['--pretrained', *_cfg_file(path)], RANKING),
+                           (['--checkpoint', str(path), '--use-ema'], [1])):
+        results = validate.validate_one(validate.parse_args(common + extra))
+        assert results['loss'] == pytest.approx(_expected_loss(ranking), abs=1e-4), extra
+
+
 def test_ema_rule_and_flag(tiny_imagefolder, tmp_path, in_process, caplog):
     """The plain weights of a file unless --use-ema; a file with EMA weights only gives those, and says so."""
     caplog.set_level(logging.INFO)
