@@ -10,6 +10,7 @@ def main() -> int:
     print(f"ops._C built (CPU kernels): {yes_no[info['cpu']]}")
     print(f"CUDA kernels compiled: {yes_no[info['cuda_kernels']]}")
     print(f"GPU present: {yes_no[info['gpu']]}")
+    print(f"ops: {', '.join(info['ops'])}")
     if not info['cpu']:
         print('build with: pip install --no-build-isolation -e .', file=sys.stderr)
         return 1
