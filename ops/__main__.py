@@ -1,4 +1,5 @@
-""" `python -m ops`: print which backends of the dynconv extension are built. Exits 1 when ops._C is missing. """
+""" `python -m ops`: print which backends of the dynconv extension are built and the registered dynconv:: ops. Exits 1
+when ops._C is missing. """
 import sys
 
 from . import backend_info

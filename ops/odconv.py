@@ -40,8 +40,8 @@ call overhead loses). Times: CPU, 2 threads, batch 8.
 | grouped          | otherwise (larger maps, depth-wise,  | 14x14
 |                  | grouped)                             |
 
-A path named by `impl` runs whatever the call; `check_impl` refuses a path the conv's shape cannot take (`PATHS`
-gives what each needs). Under torch.compile and torch.export 'auto' runs one traceable formulation whose per-sample
+A path named by `impl` runs on every call, whatever its sizes; `check_impl` refuses a path the conv's shape cannot
+take (`PATHS` gives what each needs), and per_sample and per_sample_op have no autograd (inference only). Under torch.compile and torch.export 'auto' runs one traceable formulation whose per-sample
 convolution is the op `dynconv::odconv_conv_forward` (the op, like the C++ kernels, picks its own loop); CPU
 inference of dense convs with several kernels runs the eager per-sample path as the op
 `dynconv::odconv_per_sample_forward`.
