@@ -33,12 +33,13 @@ from typing import Any, Dict, List, Tuple
 import torch
 import yaml
 from timm.data import create_loader, resolve_data_config
-from timm.utils import AverageMeter, ParseKwargs, accuracy, setup_default_logging
+from timm.utils import ParseKwargs, setup_default_logging
 
 import models  # noqa: F401  (registers the project's models)
 from models._helpers import CheckpointError, load_checkpoint_file, load_weights, pretrained_file
 from training import cli
 from training.cli import UsageError
+from training.evaluate import evaluate
 
 _logger = logging.getLogger('validate')
 
@@ -303,7 +304,6 @@ def validate_one(args: argparse.Namespace) -> Dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
     if args.torchcompile:
         model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
-    criterion = torch.nn.CrossEntropyLoss().to(device)
     loader = create_loader(
         dataset,
         input_size=data_config['input_size'],
@@ -318,41 +318,20 @@ def validate_one(args: argparse.Namespace) -> Dict[str, Any]:
         pin_memory=args.pin_mem,
         device=device,
     )
-    amp_autocast = _amp_context(args, device)
-    top5_k = min(5, model.num_classes)
-    batch_time, losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter(), AverageMeter()
-    start = end = time.time()
-    with torch.inference_mode():
-        for batch_idx, (images, target) in enumerate(loader):
-            if not args.prefetcher:
-                images, target = images.to(device), target.to(device)
-            if args.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with amp_autocast():
-                output = model(images)
-            loss = criterion(output.float(), target)
-            acc1, acc5 = accuracy(output.detach(), target, topk=(1, top5_k))
-            losses.update(loss.item(), images.size(0))
-            top1.update(acc1.item(), images.size(0))
-            top5.update(acc5.item(), images.size(0))
-            batch_time.update(time.time() - end)
-            end = time.time()
-            if batch_idx % args.log_freq == 0 or batch_idx == len(loader) - 1:
-                _logger.info(
-                    f'Test: [{batch_idx:>4d}/{len(loader)}]  Time: {batch_time.val:.3f}s '
-                    f'({images.size(0) / batch_time.avg:>7.2f}/s)  Loss: {losses.val:>7.4f} ({losses.avg:>6.4f})  '
-                    f'Acc@1: {top1.val:>7.3f} ({top1.avg:>7.3f})  Acc@5: {top5.val:>7.3f} ({top5.avg:>7.3f})')
+    start = time.time()
+    metrics = evaluate(model, loader, device, _amp_context(args, device), channels_last=args.channels_last,
+                       prefetcher=args.prefetcher, log_interval=args.log_freq)
     results = OrderedDict(
         model=args.model,
         checkpoint=args.checkpoint,
-        top1=round(top1.avg, 4), top1_err=round(100 - top1.avg, 4),
-        top5=round(top5.avg, 4), top5_err=round(100 - top5.avg, 4),
-        loss=round(losses.avg, 5),
+        top1=round(metrics['top1'], 4), top1_err=round(100 - metrics['top1'], 4),
+        top5=round(metrics['top5'], 4), top5_err=round(100 - metrics['top5'], 4),
+        loss=round(metrics['loss'], 5),
         param_count=round(param_count / 1e6, 3),
         img_size=data_config['input_size'][-1],
         crop_pct=data_config['crop_pct'],
         interpolation=data_config['interpolation'],
-        samples=top1.count,
+        samples=metrics['samples'],
         time_s=round(time.time() - start, 2),
     )
     _logger.info(f' * Acc@1 {results["top1"]:.3f} ({results["top1_err"]:.3f}) '

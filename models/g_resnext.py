@@ -13,7 +13,7 @@ training hook `auxiliary_loss()`, weighted by `reg_weight` (0 disables it) in th
     'raw': sum over layers of 2^(K + sum of binarised gates), the kept mask entries (release; paper Eq. 9);
     'normalized': mean over layers of that count divided by C^2, the kept fraction of dense connections in [0, 1].
 """
-from typing import Any, Dict, Optional, Type
+from typing import Any, Dict, List, Optional, Type
 
 import torch
 import torch.nn as nn
@@ -105,6 +105,12 @@ class GResNet(ResNet):
 
     def set_training_progress(self, epochs: float) -> None:
         """The regularizer weight is constant: nothing follows the progress."""
+
+    def scheduled_values(self, epochs: float) -> Dict[str, float]:
+        return {}
+
+    def auxiliary_loss_terms(self) -> List[Dict[str, Any]]:
+        return [{'name': f'group_regularizer_{self.reg_form}', 'weight': self.reg_weight}] if self.reg_weight else []
 
     def auxiliary_loss(self) -> Optional[torch.Tensor]:
         """Weighted group regularizer for the training loss, None when reg_weight is 0."""

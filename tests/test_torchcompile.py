@@ -69,5 +69,5 @@ def test_compiled_odconv_4x_trains_one_epoch(tiny_imagefolder, tmp_path, strict_
                 '--experiment', 'od'])
     ckpt = _load(tmp_path / 'od' / 'last.pth.tar')
     assert ckpt['state_dict']['layer1.0.conv1.weight'].shape == (4, 16, 64, 3, 3)  # timm's plain stem: 64 channels
-    assert ckpt['training_hooks']['temperature'] == pytest.approx(1 + 29 * (1 - 0.9 / 2))
+    assert ckpt['training_hooks']['temperature'] == pytest.approx(1 + 29 * (1 - 1.0 / 2))  # update 10 counted
     assert len(_eval_top1(tmp_path / 'od')) == 1

@@ -23,6 +23,7 @@ import yaml
 from timm.models import register_model
 
 import train
+from training import options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, 'train.py')
@@ -74,19 +75,19 @@ def _fails(main, argv, *needles):
 def test_yaml_precedence_cli_over_yaml_over_defaults(tmp_path):
     cfg = tmp_path / 'cfg.yaml'
     cfg.write_text(yaml.safe_dump({'lr': 0.5, 'epochs': 7, 'batch_size': 16, 'model_kwargs': {'reg_weight': 0.01}}))
-    args = train._parse_args(['--config', str(cfg), '--lr', '0.2', '--data-dir', 'x'])
+    args = options.parse_args(['--config', str(cfg), '--lr', '0.2', '--data-dir', 'x'])
     assert args.lr == 0.2  # CLI beats YAML
     assert args.epochs == 7 and args.batch_size == 16 and args.model_kwargs == {'reg_weight': 0.01}  # YAML
     assert args.momentum == 0.9 and args.sched == 'cosine'  # code defaults
     # a fresh parse does not keep the previous config's values
-    assert train._parse_args(['--data-dir', 'x']).epochs == 300
+    assert options.parse_args(['--data-dir', 'x']).epochs == 300
 
 
 def test_yaml_unknown_key_names_closest(tmp_path):
     cfg = tmp_path / 'cfg.yaml'
     cfg.write_text('lr_bse: 0.1\nepochs: 2\n')
     with pytest.raises(SystemExit) as e:
-        train._parse_args(['--config', str(cfg)])
+        options.parse_args(['--config', str(cfg)])
     assert "unknown key 'lr_bse'" in str(e.value.code) and "'lr_base'" in str(e.value.code)
 
 
@@ -94,12 +95,12 @@ def test_yaml_malformed_and_not_a_mapping(tmp_path):
     bad = tmp_path / 'bad.yaml'
     bad.write_text('lr: [0.1\nepochs: 2\n')
     with pytest.raises(SystemExit) as e:
-        train._parse_args(['--config', str(bad)])
+        options.parse_args(['--config', str(bad)])
     assert 'not valid YAML' in str(e.value.code) and 'line' in str(e.value.code)
     listed = tmp_path / 'list.yaml'
     listed.write_text('- lr\n- 0.1\n')
     with pytest.raises(SystemExit) as e:
-        train._parse_args(['--config', str(listed)])
+        options.parse_args(['--config', str(listed)])
     assert 'must be a mapping' in str(e.value.code)
 
 
@@ -140,7 +141,7 @@ def test_run_folder_and_validate_agree(tiny_imagefolder, tmp_path):
     assert {'state_dict', 'optimizer', 'scheduler', 'epoch', 'args', 'rng', 'saver', 'metric'} <= set(ckpt)
     assert ckpt['epoch'] == 1 and ckpt['step'] is None and len(ckpt['rng']) == 1
     # the resolved arguments are a valid --config again
-    again = train._parse_args(['--config', str(run / 'args.yaml')])
+    again = options.parse_args(['--config', str(run / 'args.yaml')])
     assert again.lr == 0.05 and again.epochs == 2 and again.num_classes == 10
 
     # one crop for both: resnet10t's cfg has a separate test-time crop that validate.py would otherwise apply
@@ -179,6 +180,12 @@ class _HookNet(nn.Module):
     def set_training_progress(self, epochs):
         self.progress.append(epochs)
 
+    def scheduled_values(self, epochs):
+        return {}
+
+    def auxiliary_loss_terms(self):
+        return [{'name': 'constant', 'weight': 1.0}]
+
     def auxiliary_loss(self):
         self.aux_calls += 1
         return self.fc.weight.sum() * 0. + self.aux_value
@@ -206,30 +213,30 @@ def test_model_hooks_called_saved_and_restored(tiny_imagefolder, tmp_path, in_pr
     in_process(argv + ['--epochs', '1'])
     model = _HookNet.instances[0]
     steps = 10  # 80 images, batch 8, drop_last
-    assert model.progress == pytest.approx([i / steps for i in range(steps)])
+    assert model.progress == pytest.approx([(i + 1) / steps for i in range(steps)])  # the running update counted
     assert model.aux_calls == steps
     rows = _summary(tmp_path / 'hooks')
     assert float(rows[0]['train_loss']) > 1000.  # the auxiliary loss is part of the loss
-    assert float(rows[0]['train_hook_progress']) == pytest.approx(0.9)
+    assert float(rows[0]['train_hook_progress']) == pytest.approx(1.0)
     ckpt = _load(tmp_path / 'hooks' / 'last.pth.tar')
-    assert ckpt['training_hooks'] == {'progress': pytest.approx(0.9), 'calls': steps}
+    assert ckpt['training_hooks'] == {'progress': pytest.approx(1.0), 'calls': steps}
 
     _HookNet.instances.clear()
     in_process(argv + ['--epochs', '2', '--auto-resume'])
     resumed = _HookNet.instances[0]
     assert resumed.loaded_state == ckpt['training_hooks']
-    assert resumed.progress[0] == pytest.approx(1.0)
+    assert resumed.progress[0] == pytest.approx(1.1)
 
 
 def test_odconv_model_trains_channels_last_and_checkpoints_its_temperature(tiny_imagefolder, tmp_path, in_process):
     """A real ODConv model through train.py with --channels-last (its 5-D kernel banks stay contiguous); the
-    annealed temperature is in the checkpoint: 1 + 29 * (1 - 0.9 / 2) after 10 of the 20 annealing steps."""
+    annealed temperature is in the checkpoint: 1 + 29 * (1 - 1.0 / 2) for the 10th of the 20 annealing updates."""
     argv = ['--data-dir', tiny_imagefolder, *TINY, '--model', 'od_resnet18', '--channels-last', '--epochs', '1',
             '--model-kwargs', 'kernel_num=2', 'layers=(1,1,1,1)', 'temp_epochs=2', '--output', str(tmp_path),
             '--experiment', 'od']
     in_process(argv)
     ckpt = _load(tmp_path / 'od' / 'last.pth.tar')
-    assert ckpt['training_hooks']['temperature'] == pytest.approx(1 + 29 * (1 - 0.9 / 2))
+    assert ckpt['training_hooks']['temperature'] == pytest.approx(1 + 29 * (1 - 1.0 / 2))  # update 10 counted
     assert ckpt['state_dict']['layer1.0.conv1.weight'].shape == (2, 64, 64, 3, 3)
 
 

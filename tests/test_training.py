@@ -26,6 +26,19 @@ def test_odconv_and_dgconv_models_implement_the_protocol():
     assert not isinstance(timm.create_model('test_resnet'), TrainingHooks)
 
 
+def test_a_partial_hook_implementation_is_an_error():
+    """A model written for fewer hooks (e.g. before the plan's two) would otherwise train without any of them."""
+    class OldHooks(torch.nn.Module):
+        def set_training_progress(self, epochs):
+            pass
+
+        def auxiliary_loss(self):
+            return None
+
+    with pytest.raises(TypeError, match='add auxiliary_loss_terms, load_training_hook_state, scheduled_values'):
+        ModelHooks(OldHooks())
+
+
 def test_model_hooks_run_the_model_and_its_ema_copy():
     torch.manual_seed(0)
     model = timm.create_model('od_resnet18', layers=(1, 1, 1, 1), channels=(8, 8, 8, 8), stem_width=8,
@@ -161,3 +174,32 @@ def test_timm_patch_merging_is_the_originals():
         expected = merge.reduction(merge.norm(torch.cat(parts, -1)))
         torch.testing.assert_close(merge(x), expected)
     assert set(merge.state_dict()) == {'norm.weight', 'norm.bias', 'reduction.weight'}
+
+
+# --- unreadable images ---
+
+def test_skip_recording_dataset_names_the_broken_files_across_loader_workers(tiny_imagefolder, tmp_path):
+    """Indices of the files timm's ImageDataset skipped, marked by forked workers in the parent's bitmap; a readable
+    image that follows a broken one is not marked."""
+    import shutil
+
+    from timm.data import create_dataset
+
+    from training.skips import SkipRecordingDataset
+
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_imagefolder, data)
+    plain = create_dataset('', root=str(data), split='train')
+    broken = {3, 4, 40}  # 3 and 4 in a row: the item of index 3 reads 3, 4 and 5
+    for index in broken:
+        path = plain.reader.filename(index, absolute=True)
+        with open(path, 'wb') as f:
+            f.write(b'not an image')
+    dataset = SkipRecordingDataset(create_dataset('', root=str(data), split='train'))
+    dataset.transform = lambda img: torch.zeros(1)  # create_loader sets the transform on the dataset it is given
+    assert dataset.dataset.transform is dataset.transform
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2)
+    assert sum(len(target) for _, target in loader) == len(plain)
+    assert sorted(dataset.take()) == sorted(broken)
+    assert dataset.take() == []  # cleared
+    assert dataset.reader.class_to_idx == plain.reader.class_to_idx

@@ -208,7 +208,8 @@ def trained_run(tiny_imagefolder, tmp_path_factory):
 
 def test_validate_a_run_from_its_checkpoint_alone(trained_run, tiny_imagefolder, tmp_path, caplog):
     with open(trained_run / 'summary.csv', newline='') as f:
-        run_top1 = float(list(csv.DictReader(f))[-1]['eval_top1'])
+        last = list(csv.DictReader(f))[-1]
+    run_top1, run_loss = float(last['eval_top1']), float(last['eval_loss'])
     runtime = ['-b', '16', '-j', '0', '--device', 'cpu']
     best = trained_run / 'model_best.pth.tar'
     for checkpoint in (best, trained_run):  # the file, or the run folder
@@ -217,6 +218,7 @@ def test_validate_a_run_from_its_checkpoint_alone(trained_run, tiny_imagefolder,
         assert (results['model'], results['checkpoint']) == (TINY_MODEL, str(best))
         assert (results['img_size'], results['crop_pct'], results['interpolation']) == (32, 1.0, 'bicubic')
         assert results['top1'] == pytest.approx(run_top1, abs=1e-3)
+        assert results['loss'] == pytest.approx(run_loss, rel=1e-4)  # one evaluation loop (training/evaluate.py)
 
     # a checkpoint without saved args: the run's args.yaml beside it gives them
     copy = tmp_path / 'run'

@@ -17,7 +17,14 @@ class TrainingHooks(Protocol):
     """What train.py calls on a model that takes part in its training loop."""
 
     def set_training_progress(self, epochs: float) -> None:
-        """Called before every update with the (fractional) number of epochs done."""
+        """Called before every update with the (fractional) number of epochs done once it completes; sets
+        `scheduled_values(epochs)`."""
+
+    def scheduled_values(self, epochs: float) -> Dict[str, float]:
+        """What `set_training_progress(epochs)` sets, by name (e.g. {'temperature': 12.6}); the plan reports it."""
+
+    def auxiliary_loss_terms(self) -> List[Dict[str, Any]]:
+        """The terms `auxiliary_loss` adds: [{'name': ..., 'weight': ...}], [] for none."""
 
     def auxiliary_loss(self) -> Optional[torch.Tensor]:
         """Added to the loss of the forward pass just run; None for nothing."""
@@ -42,6 +49,11 @@ class ModelHooks:
 
     def __init__(self, model: torch.nn.Module, model_ema: Optional[torch.nn.Module] = None):
         trained = unwrap_model(model)
+        hook_names = [n for n in dir(TrainingHooks) if not n.startswith('_')]
+        missing = [n for n in hook_names if not callable(getattr(trained, n, None))]
+        if len(missing) < len(hook_names) and missing:  # a partial implementation would be silently ignored
+            raise TypeError(f'{type(trained).__name__} implements part of the training-hook protocol '
+                            f'(training/hooks.py); add {", ".join(missing)}')
         self.model = trained if isinstance(trained, TrainingHooks) else None
         copies = [trained] + ([unwrap_model(model_ema)] if model_ema is not None else [])
         self._all: List[TrainingHooks] = [m for m in copies if isinstance(m, TrainingHooks)]
@@ -49,6 +61,12 @@ class ModelHooks:
     def set_progress(self, epochs: float):
         for m in self._all:
             m.set_training_progress(epochs)
+
+    def scheduled(self, epochs: float) -> Dict[str, float]:
+        return self.model.scheduled_values(epochs) if self.model is not None else {}
+
+    def auxiliary_losses(self) -> List[Dict[str, Any]]:
+        return self.model.auxiliary_loss_terms() if self.model is not None else []
 
     def add_auxiliary_loss(self, loss: torch.Tensor) -> torch.Tensor:
         aux = self.model.auxiliary_loss() if self.model is not None else None

@@ -96,7 +96,7 @@ class ExactResume:
     """The resume state of one run, fresh or continued; owns what its checkpoints add to timm's.
 
     Args:
-        args: train.py's arguments (rank, world_size, distributed, no_resume_opt, start_epoch, sched_on_updates).
+        args: train.py's arguments (rank, world_size, distributed, no_resume_opt, start_epoch).
         checkpoint: The training checkpoint resumed from (None for a fresh run), read by `load`.
         path: Its file.
     """
@@ -163,9 +163,9 @@ class ExactResume:
             _logger.info(f"Resumed from '{self.path}' (epoch {checkpoint['epoch']}"
                          f"{', step ' + str(checkpoint['step']) if checkpoint.get('step') else ''}).")
 
-    def start(self, lr_scheduler, updates_per_epoch: int) -> int:
-        """The first epoch to run (and `start_update` inside it); positions the scheduler there."""
-        self._lr_scheduler = lr_scheduler
+    def start(self, schedule) -> int:
+        """The first epoch to run (and `start_update` inside it); positions the run's TrainingSchedule there."""
+        lr_scheduler = self._lr_scheduler = schedule.lr_scheduler
         checkpoint = self.checkpoint
         if checkpoint is not None:
             if checkpoint.get('step'):  # a recovery checkpoint continues its own epoch
@@ -178,11 +178,7 @@ class ExactResume:
             return self.start_epoch
         if checkpoint is not None and checkpoint.get('scheduler') is not None:
             lr_scheduler.load_state_dict(checkpoint['scheduler'])
-        if self.start_epoch > 0 or self.start_update > 0:
-            if self.args.sched_on_updates:
-                lr_scheduler.step_update(self.start_epoch * updates_per_epoch + self.start_update)
-            else:
-                lr_scheduler.step(self.start_epoch)
+        schedule.resume_at(self.start_epoch, self.start_update)
         return self.start_epoch
 
     def restore_saver(self, saver: utils.CheckpointSaver):

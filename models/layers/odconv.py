@@ -26,8 +26,8 @@ def odconv_temperature(epochs: float, temp_init: float = 30., temp_epochs: float
     """Attention temperature after `epochs` (fractional) epochs of training.
 
     Linear from `temp_init` at epoch 0 to 1 at `temp_epochs`, then 1: the original utils/misc.py `get_temperature`
-    with `epochs = epoch + step / steps_per_epoch` (train.py passes the progress before each step; the original
-    counts the step itself, so ours runs one step behind, a difference of (temp_init - 1) / (temp_epochs * steps)).
+    with `epochs = epoch + (step + 1) / steps_per_epoch` (the release counts the step being run; so does train.py's
+    `TrainingSchedule.progress`).
     """
     if temp_epochs <= 0:
         return 1.
@@ -253,13 +253,19 @@ class ODConvTrainingHooks:
         for m in self._od_attentions():
             m.temperature.fill_(temperature)
 
+    def scheduled_values(self, epochs: float) -> dict:
+        """The temperature after `epochs` (fractional) epochs (linear temp_init -> 1 over temp_epochs)."""
+        return {'temperature': odconv_temperature(epochs, self.temp_init, self.temp_epochs)}
+
     def set_training_progress(self, epochs: float) -> None:
-        """Anneals the temperature for `epochs` (fractional) epochs done (linear temp_init -> 1 over temp_epochs)."""
-        self.set_temperature(odconv_temperature(epochs, self.temp_init, self.temp_epochs))
+        self.set_temperature(self.scheduled_values(epochs)['temperature'])
 
     def auxiliary_loss(self) -> None:
         """ODConv adds nothing to the loss."""
         return None
+
+    def auxiliary_loss_terms(self) -> list:
+        return []
 
     def training_hook_log(self) -> dict:
         attentions = self._od_attentions()
