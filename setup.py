@@ -108,7 +108,7 @@ if CUDA_HOME is None and os.environ.get('DYNCONV_CPU_ONLY', '0') != '1':
     print('dynconv: no CUDA toolkit found, building the CPU kernels only', file=sys.stderr)
 
 setup(
-    packages=find_packages(where=ROOT, include=['ops', 'models', 'models.*', 'training']),
+    packages=find_packages(where=ROOT, include=['ops', 'models', 'models.*', 'tools', 'training']),
     include_package_data=False,  # ops/csrc holds extension sources, not package data
     ext_modules=[make_extension()],
     cmdclass={'build_ext': BuildExtension},

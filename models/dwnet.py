@@ -214,6 +214,7 @@ class DWNet(nn.Module):
         self.global_pool = global_pool
         self.dw_type = dw_type
         self.grad_checkpointing = False
+        self.output_fmt = 'NHWC'  # forward_features and the stage maps between blocks are NHWC (timm reads this)
         dims = [int(embed_dim * 2 ** i) for i in range(num_stages)]
         self.num_features = self.head_hidden_size = dims[-1]
 

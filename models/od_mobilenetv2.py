@@ -8,13 +8,14 @@ the release's (`features.<i>`, `classifier.1`), so its state_dicts load with str
 model contract. Entrypoint kwargs: `kernel_num` (default 1), `reduction` (0.0625), `temp_init`, `temp_epochs`.
 """
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import make_divisible
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 from .layers.odconv import ODConv2d, ODConvTrainingHooks
 
@@ -107,10 +108,12 @@ class ODMobileNetV2(ODConvTrainingHooks, nn.Module):
         in_chs = make_divisible(32 * width_mult, round_nearest)
         features = [ConvBnAct(in_chans, in_chs, stride=2, od=False)]
         self.feature_info = []
+        self.stage_ends = []  # index in `features` of each feature_info entry's module
         reduction_now = 2
         for t, c, n, s in _STAGES:
             out_chs = make_divisible(c * width_mult, round_nearest)
             if s > 1:
+                self.stage_ends.append(len(features) - 1)
                 self.feature_info.append(
                     dict(num_chs=in_chs, reduction=reduction_now, module=f'features.{len(features) - 1}'))
                 reduction_now *= s
@@ -119,6 +122,7 @@ class ODMobileNetV2(ODConvTrainingHooks, nn.Module):
                 in_chs = out_chs
         self.num_features = self.head_hidden_size = make_divisible(num_features * max(1.0, width_mult), round_nearest)
         features.append(ConvBnAct(in_chs, self.num_features, kernel_size=1, **od_kwargs))
+        self.stage_ends.append(len(features) - 1)
         self.feature_info.append(
             dict(num_chs=self.num_features, reduction=reduction_now, module=f'features.{len(features) - 1}'))
         self.features = nn.Sequential(*features)
@@ -167,6 +171,58 @@ class ODMobileNetV2(ODConvTrainingHooks, nn.Module):
         self.num_classes = num_classes
         device = self.features[0][0].weight.device
         self.classifier = self._make_classifier(num_classes).to(device)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward that also returns the outputs of the `feature_info` modules (the last block at each reduction).
+
+        Args:
+            x: Input images (B, C, H, W).
+            indices: Take the last n feature levels if int, all if None, the given levels if a sequence.
+            norm: Unused (no final norm).
+            stop_early: Stop after the last level needed.
+            output_fmt: 'NCHW' only.
+            intermediates_only: Return only the intermediates.
+
+        Returns:
+            The intermediates, or (forward_features output, intermediates).
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
+        take_blocks = [self.stage_ends[i] for i in take_indices]
+        stop = self.stage_ends[max_index] + 1 if stop_early or intermediates_only else len(self.features)
+        intermediates = []
+        for i, block in enumerate(self.features[:stop]):
+            x = checkpoint(block, x) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x)
+            if i in take_blocks:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the blocks (and the head) not needed for the given intermediates."""
+        take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
+        if max_index < len(self.stage_ends) - 1:
+            self.features = self.features[:self.stage_ends[max_index] + 1]
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+            prune_head = True
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():

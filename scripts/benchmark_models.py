@@ -39,8 +39,7 @@ import timm
 import torch
 from timm.utils import ParseKwargs
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import models  # noqa: E402,F401  (registers the project's models)
+import models  # noqa: F401  (registers the project's models)
 
 __all__ = ['PAIRS', 'benchmark_model', 'run_benchmarks', 'to_markdown']
 

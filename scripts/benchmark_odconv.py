@@ -14,14 +14,16 @@ Formulations (all exact; tests/test_odconv.py checks each of ODConv2d's paths ag
     released  `ODConv2d(impl='released')`, the original forward: per-sample kernels from the broadcast product of
               the attentions with all kernel_num kernels, then one conv with groups = batch; point-wise kernel_num 1
               is a plain conv.
-    ours      ODConv2d's default: the path `ODConv2d._select_path` picks for each call (its docstring tables them).
-    traced    what torch.compile and torch.export trace, run eagerly (`_select_path` as if compiling): per-sample
+    ours      ODConv2d's default, `impl='auto'`: the path ops/odconv.py's table picks for each call.
+    traced    what torch.compile and torch.export trace, run eagerly (`impl=` the path `ops.odconv.choose_path`
+              gives each call as if compiling): per-sample
               kernels (kernel_num aggregated by a matmul), channel and filter attentions on activations, the
               per-sample convolution op (groups = batch, or one conv per sample for large dense convs on CPU);
               CPU inference of dense convs with several kernels: the per-sample path as an op.
-    unfold    ours, but every dense k x k conv as im2col + GEMM; the columns carry the spatial and channel attentions,
-              so kernel_num 1 multiplies the *static* weight (one GEMM for the whole batch).
-    bmm       ours, but every dense point-wise conv with several kernels as the blockwise bmm of per-sample weights.
+    unfold    ours, but every dense k x k conv as im2col + GEMM (`impl='unfold'`); the columns carry the spatial and
+              channel attentions, so kernel_num 1 multiplies the *static* weight (one GEMM for the whole batch).
+    bmm       ours, but every dense point-wise conv with several kernels as the blockwise bmm of per-sample weights
+              (`impl='pointwise_bmm'`).
 Options: --channels-last, --bf16 (autocast).
 
 Example:
@@ -30,58 +32,43 @@ Example:
 import argparse
 import contextlib
 import statistics
-import sys
 import time
-import types
-import unittest.mock
-from pathlib import Path
-from typing import Callable, Optional
 
+import timm
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import timm  # noqa: E402
-
-import models  # noqa: E402,F401  (registers the od_* models)
-from models.layers.odconv import ODConv2d  # noqa: E402
+import models  # noqa: F401  (registers the od_* models)
+from models.layers.odconv import ODConv2d
+from ops.odconv import choose_path
 
 
-def _forced_path(path_for: Callable[[ODConv2d], Optional[str]]):
-    """A `_select_path` that takes the path `path_for(layer)` names, else the module's own choice."""
-    def select_path(self: ODConv2d, x: torch.Tensor):
-        name = path_for(self)
-        return getattr(self, name) if name else ODConv2d._select_path(self, x)
-    return select_path
-
-
-def _traced_path(self: ODConv2d, x: torch.Tensor):
-    """The path `_select_path` takes under torch.compile / torch.export (its own table, as if compiling)."""
-    with unittest.mock.patch.object(torch.compiler, 'is_compiling', lambda: True):
-        return ODConv2d._select_path(self, x)
+def _traced_impl(m: ODConv2d, args) -> None:
+    """Forward pre-hook: this call runs the path 'auto' takes under torch.compile / torch.export."""
+    m.impl = choose_path(args[0], m.weight, m.stride, m.padding, m.dilation, m.groups, traced=True)
 
 
 def _is_dense_pointwise(m: ODConv2d) -> bool:
     return m.kernel_size == 1 and m.groups == 1 and m.padding == 0
 
 
+# formulation -> the `impl` of each ODConv2d (None: set per call by `_traced_impl`).
 FORMULATIONS = {
-    'released': None,
-    'ours': None,
-    'traced': _traced_path,
-    'unfold': _forced_path(lambda m: '_forward_unfold' if m.kernel_size > 1 and m.groups == 1 else None),
-    'bmm': _forced_path(lambda m: '_forward_pointwise_bmm' if _is_dense_pointwise(m) and m.kernel_num > 1 else None),
+    'released': lambda m: 'released',
+    'ours': lambda m: 'auto',
+    'traced': None,
+    'unfold': lambda m: 'unfold' if m.kernel_size > 1 and m.groups == 1 else 'auto',
+    'bmm': lambda m: 'pointwise_bmm' if _is_dense_pointwise(m) and m.kernel_num > 1 else 'auto',
 }
 
 
 def use_formulation(model: torch.nn.Module, name: str) -> torch.nn.Module:
     for m in model.modules():
         if isinstance(m, ODConv2d):
-            if name == 'released':
-                m.impl = 'released'
-            elif FORMULATIONS[name] is not None:
-                m._select_path = types.MethodType(FORMULATIONS[name], m)
+            if FORMULATIONS[name] is None:
+                m.register_forward_pre_hook(_traced_impl)
+            else:
+                m.impl = FORMULATIONS[name](m)
     return model
 
 

@@ -15,14 +15,12 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ops import HAS_EXT, ddf, ddf_reference  # noqa: E402
+from ops import HAS_EXT, ddf, ddf_reference
 
 try:
     from models.layers.ddf import DDFPack

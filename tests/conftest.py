@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from scripts.make_demo_data import make_demo_dataset
+from tools.demo_data import make_demo_dataset
 
 TINY_NUM_CLASSES = 10
 TINY_TRAIN_PER_CLASS = 8

@@ -1,4 +1,5 @@
-"""Tests for scripts/make_demo_data.py: layout, real JPEGs, determinism, and that only shape tells classes apart."""
+"""Tests for tools/demo_data.py and scripts/make_demo_data.py: layout, real JPEGs, determinism, and that only shape
+tells classes apart."""
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.make_demo_data import SHAPES, make_demo_dataset
+from tools.demo_data import SHAPES, make_demo_dataset
 
 from conftest import TINY_IMAGE_SIZE, TINY_NUM_CLASSES, TINY_TRAIN_PER_CLASS, TINY_VAL_PER_CLASS
 

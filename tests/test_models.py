@@ -10,9 +10,9 @@ import pytest
 import timm
 import torch
 
-import models  # noqa: F401  (registers the project's models)
+import models
 
-PROJECT_MODULES = ('ddf_resnet', 'dwnet', 'g_resnext', 'od_mobilenetv2', 'od_resnet', 'rednet')
+PROJECT_MODULES = models.MODULES
 MODEL_NAMES = sorted(timm.list_models(module=PROJECT_MODULES))
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / 'reference' / 'state_dicts'
 # Forward/backward on CPU is kept to models small enough to build in a second or two.

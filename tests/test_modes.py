@@ -4,8 +4,9 @@ One small model per family (reduced depth and width through model kwargs) on a n
 eager; `torch._dynamo.explain` (0 graph breaks, train and eval); `torch.compile` (inductor, `fullgraph=True`) in
 training (outputs and gradients) and in evaluation (a dynamic batch: two batch sizes, no recompilation);
 `torch.export.export` static (under `torch.no_grad()`) and with a dynamic batch dimension (run at another batch
-size); CPU bfloat16 autocast; channels_last input and model; and the edge batches (empty in evaluation, one sample
-in training).
+size); CPU bfloat16 autocast; channels_last input and model; the edge batches (empty in evaluation, one sample
+in training); torch.fx feature extraction through timm's `create_feature_extractor` (the dynamic layers are fx
+leaves) equal to eager; and TorchScript, which the dynamic layers refuse in one line.
 
 Tolerances: float32 results (compiled, exported, channels_last) must equal eager float32 within
 max |diff| <= 1e-4 x max |eager| per tensor (inductor fuses and reorders reductions, oneDNN picks other kernels for
@@ -36,6 +37,7 @@ import os
 import pytest
 import timm
 import torch
+from timm.models import create_feature_extractor, get_graph_node_names
 
 import models  # noqa: F401  (registers the models)
 from ops import HAS_EXT
@@ -248,3 +250,20 @@ def test_training_batch_of_one(family):
         assert '\n' not in str(info.value)
     else:
         assert model(_input(1)).shape == (1, NUM_CLASSES)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_fx_feature_extraction(family):
+    model = _model(family).eval()
+    x = _input(2)
+    last = get_graph_node_names(model)[1][-1]
+    extractor = create_feature_extractor(model, return_nodes=[last])
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x)[last], model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_torchscript_refused_in_one_line(family):
+    with pytest.raises(RuntimeError, match='cannot be scripted by TorchScript') as info:
+        torch.jit.script(_model(family))
+    assert '\n' not in str(info.value)

@@ -12,10 +12,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import models  # noqa: F401  (registers the od_* models)
 from models._helpers import load_weights
-from models.layers import odconv
-from models.layers.odconv import ODConv2d, odconv_temperature
-from scripts.model_info import count_params_and_macs
-from scripts.model_zoo import published_overhead
+from models.layers.odconv import ODAttention, ODConv2d, odconv_temperature
+from ops import odconv
+from tools.info import count_params_and_macs
+from tools.zoo import published_overhead
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / 'reference'
@@ -35,14 +35,14 @@ PUBLISHED_PARAMS = {
 
 def _released(layer: ODConv2d, x: torch.Tensor) -> torch.Tensor:
     """Oracle: the same module (same parameters) with the release's formulation, `impl='released'`."""
-    layer.impl = 'released'
+    impl, layer.impl = layer.impl, 'released'
     try:
         return layer(x)
     finally:
-        layer.impl = 'auto'
+        layer.impl = impl
 
 
-def _released_attentions(attn: odconv.ODAttention, x: torch.Tensor):
+def _released_attentions(attn: ODAttention, x: torch.Tensor):
     """The release's attention branch (modules/odconv.py `Attention`): pooling, 1x1 convs, BN, ReLU, and sigmoid or
     softmax heads whose logits are divided by the temperature (in training; evaluation runs at temperature 1)."""
     hidden = attn.act(attn.bn(attn.fc(F.adaptive_avg_pool2d(x, 1))))
@@ -147,21 +147,27 @@ def test_attentions_match_release(in_chs, out_chs, k, stride, groups, kernel_num
                 torch.testing.assert_close(ours, ref)
 
 
-# (in, out, k, stride, groups), kernel_num, input size, autograd -> the path `_select_path` documents for it.
+# (in, out, k, stride, groups), kernel_num, input size, autograd -> the path ops/odconv.py's table gives it.
 PATH_CASES = [
-    ((8, 12, 1, 1, 1), 1, 9, True, '_forward_static'),
-    ((8, 8, 1, 1, 8), 1, 9, True, '_forward_static'),  # depth-wise 1x1 (was a TypeError)
-    ((8, 12, 3, 1, 1), 4, 9, False, '_forward_per_sample'),
-    ((8, 12, 1, 1, 1), 1, 33, False, '_forward_per_sample'),
-    ((8, 12, 1, 1, 1), 4, 8, True, '_forward_pointwise_bmm'),
-    ((8, 12, 1, 2, 1), 4, 16, True, '_forward_pointwise_bmm'),  # 8x8 pixels after the stride
-    ((8, 12, 1, 1, 1), 4, 9, True, '_forward_pointwise'),
-    ((8, 12, 3, 1, 1), 1, 8, True, '_forward_unfold'),
-    ((8, 12, 3, 2, 1), 4, 16, True, '_forward_unfold'),
-    ((8, 12, 3, 1, 1), 4, 9, True, '_forward_grouped'),
-    ((8, 8, 3, 1, 8), 4, 9, False, '_forward_grouped'),  # depth-wise, no autograd
-    ((8, 12, 3, 1, 4), 1, 9, True, '_forward_grouped'),
+    ((8, 12, 1, 1, 1), 1, 9, True, 'static'),
+    ((8, 8, 1, 1, 8), 1, 9, True, 'static'),  # depth-wise 1x1 (was a TypeError)
+    ((8, 12, 3, 1, 1), 4, 9, False, 'per_sample'),
+    ((8, 12, 1, 1, 1), 1, 33, False, 'per_sample'),
+    ((8, 12, 1, 1, 1), 4, 8, True, 'pointwise_bmm'),
+    ((8, 12, 1, 2, 1), 4, 16, True, 'pointwise_bmm'),  # 8x8 pixels after the stride
+    ((8, 12, 1, 1, 1), 4, 9, True, 'pointwise'),
+    ((64, 64, 1, 1, 1), 4, 64, True, 'pointwise_looped'),  # 64 * 64 * 64 * 64 = 16M MACs per sample
+    ((8, 12, 3, 1, 1), 1, 8, True, 'unfold'),
+    ((8, 12, 3, 2, 1), 4, 16, True, 'unfold'),
+    ((8, 12, 3, 1, 1), 4, 9, True, 'grouped'),
+    ((8, 8, 3, 1, 8), 4, 9, False, 'grouped'),  # depth-wise, no autograd
+    ((8, 12, 3, 1, 4), 1, 9, True, 'grouped'),
+    ((32, 32, 3, 1, 1), 1, 64, True, 'looped'),  # 32 * 32 * 9 * 64 * 64 = 37.7M MACs per sample
 ]
+
+
+def _choose_path(layer: ODConv2d, x: torch.Tensor, traced: bool) -> str:
+    return odconv.choose_path(x, layer.weight, layer.stride, layer.padding, layer.dilation, layer.groups, traced)
 
 
 @pytest.mark.parametrize('conv,kernel_num,size,grad,path', PATH_CASES, ids=[c[-1] + f'-{i}' for i, c in
@@ -170,46 +176,65 @@ def test_select_path_follows_its_table(conv, kernel_num, size, grad, path):
     layer = _layer(*conv, kernel_num).eval()
     x = torch.randn(2, conv[0], size, size, dtype=torch.float64)
     with torch.set_grad_enabled(grad):
-        assert layer._select_path(x).__name__ == path
-        layer.impl = 'released'
-        assert layer._select_path(x).__name__ == '_forward_released'
+        assert _choose_path(layer, x, traced=False) == path
+
+
+@pytest.mark.parametrize('path', sorted(odconv.PATHS))
+@pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', LAYER_CASES)
+def test_every_path_named_by_impl_matches_released_formulation(in_chs, out_chs, k, stride, groups, path):
+    """`impl=<path>` runs that path on every call: outputs (and gradients, where the path has autograd) equal the
+    release's, for every conv the path can take; the others are refused when the layer is built."""
+    for kernel_num in (1, 4):
+        try:
+            odconv.check_impl(path, k, groups, k // 2, kernel_num)
+        except ValueError as e:
+            with pytest.raises(ValueError, match=f"impl='{path}' needs a conv that is"):
+                ODConv2d(in_chs, out_chs, k, stride, k // 2, groups=groups, kernel_num=kernel_num, impl=path)
+            assert '\n' not in str(e)
+            continue
+        layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num)
+        layer.impl = path
+        x = torch.randn(3, in_chs, 9, 9, dtype=torch.float64)
+        if path.startswith('per_sample'):  # inference only
+            with torch.no_grad():
+                torch.testing.assert_close(layer.eval()(x), _released(layer, x))
+        else:
+            _assert_matches_released(layer, x)
 
 
 @pytest.mark.parametrize('kernel_num', [1, 4])
 @pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', LAYER_CASES)
-def test_traced_path_matches_released_formulation(monkeypatch, in_chs, out_chs, k, stride, groups, kernel_num):
-    """What torch.compile and torch.export trace (`_forward_traced`, or `_forward_static`), run eagerly: outputs and
-    gradients equal the release's, in both memory formats."""
-    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+def test_traced_path_matches_released_formulation(in_chs, out_chs, k, stride, groups, kernel_num):
+    """What torch.compile and torch.export trace ('traced', or 'static'), run eagerly: outputs and gradients equal
+    the release's, in both memory formats."""
     layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num)
     layer.attention.temperature.fill_(7.)
     x = torch.randn(3, in_chs, 9, 9, dtype=torch.float64)
-    expected = '_forward_static' if k == 1 and kernel_num == 1 else '_forward_traced'
-    assert layer._select_path(x).__name__ == expected
+    expected = 'static' if k == 1 and kernel_num == 1 else 'traced'
+    assert _choose_path(layer, x, traced=True) == expected
+    layer.impl = expected
     _assert_matches_released(layer, x)
     _assert_matches_released(layer, x.contiguous(memory_format=torch.channels_last))
 
 
 @pytest.mark.parametrize('kernel_num', [1, 4])
 @pytest.mark.parametrize('in_chs,out_chs,k,stride,groups', LAYER_CASES)
-def test_traced_inference_path_matches_released_formulation(monkeypatch, in_chs, out_chs, k, stride, groups,
-                                                            kernel_num):
+def test_traced_inference_path_matches_released_formulation(in_chs, out_chs, k, stride, groups, kernel_num):
     """What torch.compile and torch.export trace without autograd: dense convs with several kernels call the
     per-sample path as the op `dynconv::odconv_per_sample_forward` (opcheck: schema, fake tensors), the others the
     training formulation; outputs equal the release's in both memory formats, and under bfloat16 autocast the op
     computes in bfloat16."""
-    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
     layer = _layer(in_chs, out_chs, k, stride, groups, kernel_num).eval()
     x = torch.randn(3, in_chs, 9, 9, dtype=torch.float64)
     with torch.no_grad():
-        path = layer._select_path(x).__name__
+        path = layer.impl = _choose_path(layer, x, traced=True)
         if groups == 1 and kernel_num > 1:
-            assert path == '_forward_per_sample_op'
+            assert path == 'per_sample_op'
             attentions = layer.attention(x)
             torch.library.opcheck(torch.ops.dynconv.odconv_per_sample_forward.default,
                                   (x, layer.weight, *attentions, stride, layer.padding, 1))
         else:
-            assert path in ('_forward_traced', '_forward_static')
+            assert path in ('traced', 'static')
         ref = _released(layer, x)
         torch.testing.assert_close(layer(x), ref)
         out = layer(x.contiguous(memory_format=torch.channels_last))
@@ -253,7 +278,9 @@ def test_conv2d_style_arguments():
         (dict(kernel_size=3, padding='same', stride=2), "padding='same' needs stride 1"),
         (dict(kernel_size=2, padding='same'), "padding='same' with kernel_size 2 and dilation 1 is asymmetric"),
         (dict(kernel_size=3, padding='full'), "padding must be an int, got 'full'"),
-        (dict(kernel_size=3, impl='fast'), "impl must be one of \\('auto', 'released'\\), got 'fast'"),
+        (dict(kernel_size=3, impl='fast'), "impl must be one of \\('auto', 'released', 'static', .*\\), got 'fast'"),
+        (dict(kernel_size=3, impl='pointwise'), "impl='pointwise' needs a conv that is dense, 1x1, no padding; this "
+                                                "one is not 1x1"),
     ]
     for kwargs, match in bad:
         with pytest.raises(ValueError, match=match) as info:
@@ -275,53 +302,6 @@ def test_cuda_layer_matches_released_formulation(in_chs, out_chs, k, stride, gro
         out = layer(x.float())
     out.float().square().sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(layer.weight.grad).all()
-
-
-def _odconv_conv_samples(dtype=torch.float64, requires_grad=True):
-    """(x, weight, stride, padding, dilation, groups) for `dynconv::odconv_conv_forward`: dense, grouped, depth-wise;
-    NCHW and channels_last; stride, padding and dilation."""
-    for groups, channels_last in ((1, False), (1, True), (2, False), (4, True)):
-        x = torch.randn(3, 4, 9, 8, dtype=dtype)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        weight = torch.randn(3, 4 if groups == 4 else 6, 4 // groups, 3, 3, dtype=dtype)
-        yield x.requires_grad_(requires_grad), weight.requires_grad_(requires_grad), 2, 1, 2, groups
-
-
-@pytest.mark.parametrize('per_sample', [False, True], ids=['grouped-conv', 'per-sample-conv'])
-def test_odconv_conv_op(monkeypatch, per_sample):
-    """The per-sample convolution op: the registration (opcheck: schema, autograd, fake tensors, AOT dispatch),
-    gradients (gradcheck) and the values of the grouped convolution, for both of its implementations."""
-    if per_sample:  # dense convs on CPU loop over samples from this many MACs per sample (normally 16M)
-        monkeypatch.setattr(odconv, '_PER_SAMPLE_CONV_MIN_MACS', 0)
-    op = torch.ops.dynconv.odconv_conv_forward.default
-    for x, weight, stride, padding, dilation, groups in _odconv_conv_samples():
-        torch.library.opcheck(op, (x, weight, stride, padding, dilation, groups))
-        assert torch.autograd.gradcheck(lambda x, w: op(x, w, stride, padding, dilation, groups), (x, weight))
-        batch, out_chs = weight.shape[:2]
-        grouped = F.conv2d(x.reshape(1, -1, 9, 8), weight.reshape(-1, *weight.shape[2:]), None, stride, padding,
-                           dilation, batch * groups)
-        grouped = grouped.view(batch, out_chs, *grouped.shape[2:])
-        out = op(x, weight, stride, padding, dilation, groups)
-        torch.testing.assert_close(out, grouped)
-        assert out.is_contiguous(memory_format=odconv._memory_format(x))
-    with torch.no_grad():
-        torch.library.opcheck(op, next(_odconv_conv_samples(requires_grad=False)))
-
-
-def test_per_sample_convs_under_bfloat16_autocast():
-    """Both per-sample convolutions compute in autocast's dtype and return float32 gradients for float32 inputs: the
-    eager `_PerSampleConv` (casts itself), and the traced op (ODConv2d casts its input to the conv dtype)."""
-    x, weight, stride, padding, dilation, _ = next(_odconv_conv_samples(torch.float32))
-    for conv in (lambda: odconv._PerSampleConv.apply(x, weight, stride, padding, dilation),
-                 lambda: torch.ops.dynconv.odconv_conv_forward(x.to(torch.bfloat16), weight, stride, padding,
-                                                               dilation, 1)):
-        x.grad = weight.grad = None
-        with torch.autocast('cpu', dtype=torch.bfloat16):
-            out = conv()
-        assert out.dtype == torch.bfloat16
-        out.float().sum().backward()
-        assert x.grad.dtype == weight.grad.dtype == torch.float32
 
 
 @pytest.mark.parametrize('kernel_num', [1, 4])
@@ -392,7 +372,7 @@ def test_count_macs_follows_the_papers_convention(caplog):
     assert count_params_and_macs(layer, (64, 10, 10))[1] == expected
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 1, bias=False), layer)
     assert count_params_and_macs(model, (3, 10, 10))[1] == expected + 3 * 64 * 10 * 10
-    with caplog.at_level(logging.INFO, logger='scripts.model_info'):  # the per-module table agrees
+    with caplog.at_level(logging.INFO, logger='tools.info'):  # the per-module table agrees
         count_params_and_macs(model, (3, 10, 10), depth=2)
     rows = {line.split()[0]: float(line.split()[1]) for line in caplog.text.splitlines()[-4:]}
     assert rows == {'Global': pytest.approx((expected + 3 * 64 * 100) / 1e9, abs=1e-4),

@@ -1,5 +1,6 @@
-""" Tests of the compiled dynconv::ddf_* op: kernels vs the pure-PyTorch reference, gradcheck, opcheck, compile,
-autocast, FLOP counting, argument errors, and the behaviour without the extension. CUDA cases skip without a GPU. """
+""" Tests of the dynconv:: ops. The compiled dynconv::ddf_* op: kernels vs the pure-PyTorch reference, gradcheck,
+opcheck, compile, autocast, FLOP counting, argument errors, and the behaviour without the extension (CUDA cases skip
+without a GPU). The dynconv::odconv_* ops: opcheck, gradcheck, values (ODConv2d's paths: tests/test_odconv.py). """
 import itertools
 import os
 import subprocess
@@ -7,9 +8,10 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from ops import HAS_EXT, ddf, ddf_reference
+from ops import HAS_EXT, ddf, ddf_reference, odconv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
@@ -135,6 +137,72 @@ def test_opcheck(device):
     go = torch.randn(2, 4, 3, 4, dtype=torch.float64, device=device)
     torch.library.opcheck(bwd, (go, x, cf, sf, 3, 1, 2, 2, 'mul', [True, True, True]))
     torch.library.opcheck(bwd, (go, x, None, sf, 3, 2, 2, 2, 'add', [False, True, True]))
+
+
+def _odconv_conv_samples(dtype=torch.float64, requires_grad=True):
+    """(x, weight, stride, padding, dilation, groups) for `dynconv::odconv_conv_forward`: dense, grouped, depth-wise;
+    NCHW and channels_last; stride, padding and dilation."""
+    for groups, channels_last in ((1, False), (1, True), (2, False), (4, True)):
+        x = torch.randn(3, 4, 9, 8, dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(3, 4 if groups == 4 else 6, 4 // groups, 3, 3, dtype=dtype)
+        yield x.requires_grad_(requires_grad), weight.requires_grad_(requires_grad), 2, 1, 2, groups
+
+
+@pytest.mark.parametrize('per_sample', [False, True], ids=['grouped-conv', 'per-sample-conv'])
+def test_odconv_conv_op(monkeypatch, per_sample):
+    """The per-sample convolution op: the registration (opcheck: schema, autograd, fake tensors, AOT dispatch),
+    gradients (gradcheck) and the values of the grouped convolution, for both of its implementations."""
+    if per_sample:  # dense convs on CPU loop over samples from this many MACs per sample (normally 16M)
+        monkeypatch.setattr(odconv, '_PER_SAMPLE_CONV_MIN_MACS', 0)
+    op = torch.ops.dynconv.odconv_conv_forward.default
+    for x, weight, stride, padding, dilation, groups in _odconv_conv_samples():
+        torch.library.opcheck(op, (x, weight, stride, padding, dilation, groups))
+        assert torch.autograd.gradcheck(lambda x, w: op(x, w, stride, padding, dilation, groups), (x, weight))
+        batch, out_chs = weight.shape[:2]
+        grouped = F.conv2d(x.reshape(1, -1, 9, 8), weight.reshape(-1, *weight.shape[2:]), None, stride, padding,
+                           dilation, batch * groups)
+        grouped = grouped.view(batch, out_chs, *grouped.shape[2:])
+        out = op(x, weight, stride, padding, dilation, groups)
+        torch.testing.assert_close(out, grouped)
+        assert out.is_contiguous(memory_format=odconv._memory_format(x))
+    with torch.no_grad():
+        torch.library.opcheck(op, next(_odconv_conv_samples(requires_grad=False)))
+
+
+def test_per_sample_convs_under_bfloat16_autocast():
+    """Both per-sample convolutions compute in autocast's dtype and return float32 gradients for float32 inputs: the
+    eager `_PerSampleConv` (casts itself), and the traced op (ODConv2d casts its input to the conv dtype)."""
+    x, weight, stride, padding, dilation, _ = next(_odconv_conv_samples(torch.float32))
+    for conv in (lambda: odconv._PerSampleConv.apply(x, weight, stride, padding, dilation),
+                 lambda: torch.ops.dynconv.odconv_conv_forward(x.to(torch.bfloat16), weight, stride, padding,
+                                                               dilation, 1)):
+        x.grad = weight.grad = None
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = conv()
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        assert x.grad.dtype == weight.grad.dtype == torch.float32
+
+
+def test_odconv_backward_and_per_sample_ops_opcheck():
+    """opcheck on the two ODConv ops no layer test reaches directly: the conv op's backward, and the inference op
+    of the per-sample path (with and without filter, spatial and kernel attentions) against `odconv`'s 'released'
+    path."""
+    x, weight, stride, padding, dilation, groups = next(_odconv_conv_samples(requires_grad=False))
+    grad_out = torch.randn_like(torch.ops.dynconv.odconv_conv_forward(x, weight, stride, padding, dilation, groups))
+    torch.library.opcheck(torch.ops.dynconv.odconv_conv_backward.default,
+                          (grad_out, x, weight, stride, padding, dilation, groups))
+    op = torch.ops.dynconv.odconv_per_sample_forward.default
+    bank = torch.randn(2, 6, 4, 3, 3, dtype=torch.float64)
+    channel, filter_, spatial, kernel = (torch.rand(3, n, dtype=torch.float64) for n in (4, 6, 9, 2))
+    cases = [(x, bank, filter_, spatial, kernel), (x.contiguous(memory_format=torch.channels_last), bank, filter_,
+                                                  spatial, kernel), (x, bank[:1], None, spatial, None)]
+    for inputs, bank_used, *optional in cases:
+        args = (inputs, bank_used, channel, *optional, stride, padding, dilation)
+        torch.library.opcheck(op, args)
+        torch.testing.assert_close(op(*args), odconv.odconv(*args, groups=1, impl='released'))
 
 
 def test_compile_fullgraph():

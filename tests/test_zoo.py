@@ -1,4 +1,4 @@
-"""Model zoo table (scripts/model_zoo.py) is current; params/MACs counting (scripts/model_info.py) is right;
+"""Model zoo table (tools/zoo.py) is current; params/MACs counting (tools/info.py) is right;
 scripts/reproduce.py validates checkpoints in every release format and compares them with the published numbers."""
 import csv
 import json
@@ -9,8 +9,10 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import tools.info
+import tools.zoo
 from models._helpers import project_models
-from scripts import benchmark_models, model_info, model_zoo, reproduce
+from scripts import benchmark_models, model_info, reproduce
 from tests.conftest import TINY_NUM_CLASSES
 from tests.test_checkpoints import build_release
 
@@ -20,7 +22,7 @@ STALE = 'is stale: regenerate it with `python scripts/model_zoo.py`'
 @pytest.fixture(scope='module')
 def zoo_rows():
     """The regenerated table (counting every model once on the meta device)."""
-    return model_zoo.zoo_rows(model_zoo.DEFAULT_REFERENCE)
+    return tools.zoo.zoo_rows(tools.zoo.DEFAULT_REFERENCE)
 
 
 def test_every_project_model_has_a_row(zoo_rows):
@@ -30,9 +32,9 @@ def test_every_project_model_has_a_row(zoo_rows):
 
 def test_committed_counts_are_current(zoo_rows):
     """Params and GMACs of the committed CSV equal a fresh count."""
-    with open(model_zoo.DOC_CSV) as f:
+    with open(tools.zoo.DOC_CSV) as f:
         committed = {(r['model'], r['kwargs']): r for r in csv.DictReader(f)}
-    fresh = {(r['model'], r['kwargs']): r for r in csv.DictReader(model_zoo.to_csv(zoo_rows).splitlines())}
+    fresh = {(r['model'], r['kwargs']): r for r in csv.DictReader(tools.zoo.to_csv(zoo_rows).splitlines())}
     for key, row in fresh.items():
         assert key in committed, f'{key} missing: docs/model_zoo.csv {STALE}'
         assert (committed[key]['params_m'], committed[key]['gmacs']) == (row['params_m'], row['gmacs']), \
@@ -40,15 +42,15 @@ def test_committed_counts_are_current(zoo_rows):
 
 
 def test_committed_docs_are_current(zoo_rows):
-    assert model_zoo.DOC_CSV.read_text() == model_zoo.to_csv(zoo_rows), f'docs/model_zoo.csv {STALE}'
-    assert model_zoo.DOC_MD.read_text() == model_zoo.to_markdown(zoo_rows), f'docs/model_zoo.md {STALE}'
+    assert tools.zoo.DOC_CSV.read_text() == tools.zoo.to_csv(zoo_rows), f'docs/model_zoo.csv {STALE}'
+    assert tools.zoo.DOC_MD.read_text() == tools.zoo.to_markdown(zoo_rows), f'docs/model_zoo.md {STALE}'
 
 
 def test_readme_model_table_matches_the_zoo():
     """Every README row naming one model (and its kwargs) shows the zoo CSV's params and GMACs."""
-    with open(model_zoo.DOC_CSV) as f:
+    with open(tools.zoo.DOC_CSV) as f:
         zoo = {(r['model'], r['kwargs']): (r['params_m'], r['gmacs']) for r in csv.DictReader(f)}
-    readme = (model_zoo.REPO / 'README.md').read_text()
+    readme = (tools.zoo.REPO / 'README.md').read_text()
     rows = re.findall(r'^\| `([^`]+)` \|\s*([^|]*?)\s*\| ([0-9.]+) \| ([0-9.]+) \|', readme, flags=re.M)
     assert len(rows) >= 20
     for model, kwargs, params, gmacs in rows:
@@ -68,7 +70,7 @@ def test_published_rows_match_by_name_and_args(tmp_path):
         'ddf:\n  models:\n'
         '    - {name: resnet50, baseline: true, top1_official: 76.0, top1_retrained: 77.2, top5_retrained: 93.5}\n'
         '    - {related: true, name: R50 CondConv, params_m: 104.8}\n')
-    rows = model_zoo._published(reference)
+    rows = tools.zoo._published(reference)
     by_name = {(r['model'], str(r['kwargs'])): r for r in rows}
     dynamic = by_name[('dynamic_dwnet_tiny_patch4_window7_224', '{}')]
     assert (dynamic['kind'], dynamic['pub_params_m'], dynamic['pub_gmacs'], dynamic['pub_top1']) == (
@@ -84,21 +86,21 @@ def test_published_rows_match_by_name_and_args(tmp_path):
 def test_find_config():
     configs = [dict(path='configs/odconv/od_resnet18.yaml', model='od_resnet18', kwargs={}),
                dict(path='configs/odconv/od_resnet18_4x.yaml', model='od_resnet18', kwargs={'kernel_num': 4})]
-    assert model_zoo.find_config('od_resnet18', {'kernel_num': 4}, configs) == 'configs/odconv/od_resnet18_4x.yaml'
-    assert model_zoo.find_config('od_resnet18', {}, configs) == 'configs/odconv/od_resnet18.yaml'
-    assert model_zoo.find_config('od_resnet50', {}, configs) == ''
-    assert model_zoo._variant_kwargs({'kernel_num': 1, 'temp_init': 30}) == {}
+    assert tools.zoo.find_config('od_resnet18', {'kernel_num': 4}, configs) == 'configs/odconv/od_resnet18_4x.yaml'
+    assert tools.zoo.find_config('od_resnet18', {}, configs) == 'configs/odconv/od_resnet18.yaml'
+    assert tools.zoo.find_config('od_resnet50', {}, configs) == ''
+    assert tools.zoo._variant_kwargs({'kernel_num': 1, 'temp_init': 30}) == {}
 
 
 def test_count_params_and_macs_known_models():
     # torchvision-style ResNet-18: 11.69M params, 1.814 GMACs at 224 (every conv and the fc).
-    params, macs = model_info.count_params_and_macs(model_info.create_counting_model('resnet18'), (3, 224, 224))
+    params, macs = tools.info.count_params_and_macs(tools.info.create_counting_model('resnet18'), (3, 224, 224))
     assert params == 11_689_512
     assert macs == pytest.approx(1.814e9, rel=1e-3)
     # The same count on CPU with real tensors, at another size; training mode is restored.
     model = timm.create_model('test_resnet').train()
-    meta_counts = model_info.count_params_and_macs(model_info.create_counting_model('test_resnet'), (3, 96, 96))
-    assert model_info.count_params_and_macs(model, (3, 96, 96)) == meta_counts
+    meta_counts = tools.info.count_params_and_macs(tools.info.create_counting_model('test_resnet'), (3, 96, 96))
+    assert tools.info.count_params_and_macs(model, (3, 96, 96)) == meta_counts
     assert model.training
 
 
@@ -117,15 +119,15 @@ def test_dynamic_filter_op_is_counted():
 
 
 def test_model_info_counts_on_cpu_when_meta_fails(monkeypatch):
-    real_count = model_info.count_params_and_macs
+    real_count = tools.info.count_params_and_macs
 
     def meta_unfriendly(model, input_size, depth=None):
         if next(model.parameters()).is_meta:  # as a forward that reads a tensor value (.item()) would fail
             raise NotImplementedError('aten::_local_scalar_dense: no meta kernel')
         return real_count(model, input_size, depth)
 
-    monkeypatch.setattr(model_info, 'count_params_and_macs', meta_unfriendly)
-    info = model_info.model_info('resnet18', img_size=112)
+    monkeypatch.setattr(tools.info, 'count_params_and_macs', meta_unfriendly)
+    info = tools.info.model_info('resnet18', img_size=112)
     assert info['gmacs'] == pytest.approx(0.485, abs=1e-3) and info['input_size'] == (3, 112, 112)
 
 

@@ -17,6 +17,8 @@ from torch.nn.init import calculate_gain
 
 from ops import ddf_impl
 
+from . import untraceable
+
 __all__ = ['FilterNorm', 'DDFPack', 'DDFUpPack']
 
 
@@ -178,6 +180,7 @@ def _check_ddf_args(in_channels: int, kernel_size: int, head: int, kernel_combin
         raise ValueError(f"kernel_combine must be 'mul' or 'add', got '{kernel_combine}'")
 
 
+@untraceable
 class DDFPack(nn.Module):
     """DDF module: predicts a per-pixel spatial filter and a per-sample channel filter from the input and applies
     their combination as a k x k depth-wise filter (paper Fig. 2). Output (B, C, H // stride, W // stride).
@@ -243,6 +246,7 @@ class DDFPack(nn.Module):
                 f'kernel_combine={self.kernel_combine}, impl={self.impl}')
 
 
+@untraceable
 class DDFUpPack(nn.Module):
     """DDF upsampler (paper Sec. 4.3): scale_factor**2 DDF branches, one per sub-pixel position, interleaved by a
     pixel shuffle. Output (B, C, H * scale_factor, W * scale_factor).

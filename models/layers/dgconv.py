@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import unscriptable
+
 __all__ = ['DGConv2d', 'binarize_ste']
 
 GATE_INIT_EPS = 1e-8
@@ -42,6 +44,7 @@ def binarize_ste(gate: torch.Tensor) -> torch.Tensor:
     return _BinarizeSTE.apply(gate)
 
 
+@unscriptable
 class DGConv2d(nn.Module):
     """Conv2d whose channel grouping is learned through log2(C) binary gates (paper Sec. 3).
 

@@ -18,9 +18,12 @@ from torch import nn
 
 from ops import ddf_impl
 
+from . import untraceable
+
 __all__ = ['DynamicDWConv', 'IDynamicDWConv']
 
 
+@untraceable
 class DynamicDWConv(nn.Module):
     """Per-sample dynamic depth-wise convolution (stride 1, zero 'same' padding).
 
@@ -77,6 +80,7 @@ class DynamicDWConv(nn.Module):
         return f'dim={self.dim}, kernel_size={self.kernel_size}, impl={self.impl}'
 
 
+@untraceable
 class IDynamicDWConv(nn.Module):
     """Inhomogeneous (per-pixel, per-group) dynamic depth-wise convolution (stride 1, zero 'same' padding).
 
