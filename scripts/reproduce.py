@@ -28,12 +28,10 @@ import torch
 import yaml
 from timm.utils import ParseKwargs, setup_default_logging
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import validate  # noqa: E402
-from models._helpers import CheckpointError  # noqa: E402
-from tools.zoo import DEFAULT_REFERENCE, table_rows  # noqa: E402
-from training.cli import UsageError  # noqa: E402
+import validate
+from models._helpers import CheckpointError
+from tools.zoo import DEFAULT_REFERENCE, table_rows
+from training.cli import UsageError
 
 __all__ = ['row_key', 'find_checkpoint', 'eval_protocols', 'reproduce', 'to_markdown']
 

@@ -22,6 +22,7 @@ from models.layers.involution import Involution2d
 from models.rednet import InvolutionBottleneck, RedNet, checkpoint_filter_fn
 from ops import HAS_EXT
 from tests.conftest import TINY_NUM_CLASSES, TINY_VAL_PER_CLASS
+from tools.info import count_params_and_macs, create_counting_model
 
 IMPLS = ['reference', pytest.param('ext', marks=pytest.mark.skipif(not HAS_EXT, reason='ops._C is not built'))]
 IMPL = 'ext' if HAS_EXT else 'reference'
@@ -131,7 +132,6 @@ def _macs_our_count(name):
 
 @pytest.mark.parametrize('name', PUBLISHED)
 def test_params_equal_published_and_macs_counted(name):
-    from scripts.model_info import count_params_and_macs, create_counting_model
     depths, params_m, _, _ = PUBLISHED[name]
     model = create_counting_model(name)
     assert tuple(len(getattr(model.backbone, f'layer{i}')) for i in range(1, 5)) == depths
