@@ -336,3 +336,37 @@ def test_start_update_sets_the_models_temperature():
     schedule = TrainingSchedule(args, optimizer, NUM_BATCHES, ModelHooks(model))
     schedule.start_update(1, 4)
     assert model.training_hook_log()['temperature'] == pytest.approx(odconv_temperature(1.5), rel=1e-6)
+
+
+def test_defaults_of_the_batch_arithmetic():
+    assert updates_per_epoch(7, 3) == 3  # a short last accumulation updates by default
+    assert samples_per_process(1001, 2) == 501
+
+
+class _AuxModel(torch.nn.Module):
+    """Implements the whole hook protocol with one auxiliary loss term."""
+
+    def set_training_progress(self, epochs):
+        pass
+
+    def scheduled_values(self, epochs):
+        return {}
+
+    def auxiliary_loss_terms(self):
+        return [{'name': 'reg', 'weight': 0.5}]
+
+    def auxiliary_loss(self):
+        return None
+
+    def training_hook_state(self):
+        return {}
+
+    def load_training_hook_state(self, state):
+        pass
+
+    def training_hook_log(self):
+        return {}
+
+
+def test_model_hooks_list_the_models_auxiliary_losses():
+    assert ModelHooks(_AuxModel()).auxiliary_losses() == [{'name': 'reg', 'weight': 0.5}]
