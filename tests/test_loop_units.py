@@ -370,3 +370,12 @@ class _AuxModel(torch.nn.Module):
 
 def test_model_hooks_list_the_models_auxiliary_losses():
     assert ModelHooks(_AuxModel()).auxiliary_losses() == [{'name': 'reg', 'weight': 0.5}]
+
+
+def test_no_schedule_keeps_the_lr():
+    args, optimizer, schedule = _schedule(['--sched', 'none', '--warmup-epochs', '0'])
+    assert schedule.lr_scheduler is None
+    assert ExactResume(args, {'epoch': 0, 'step': 3, 'version': 2}, 'c.pth.tar').start(schedule) == 0
+    schedule.end_update(0, 3)
+    schedule.end_epoch(0)
+    assert optimizer.param_groups[0]['lr'] == 0.1
