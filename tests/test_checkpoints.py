@@ -465,3 +465,22 @@ def test_filter_fn_of_the_registering_module_comes_first(monkeypatch):
     assert _model_filter_fn(Net()) is own  # the registering module has none
     monkeypatch.setattr(models.ddf_resnet, 'checkpoint_filter_fn', registering, raising=False)
     assert _model_filter_fn(Net()) is registering
+
+
+def test_every_refused_global_is_named(tmp_path):
+    path = tmp_path / 'evil2.pth'
+    torch.save({'a': _RunsCode(tmp_path / 'a'), 'c': argparse.ArgumentParser}, path)
+    with pytest.raises(CheckpointError, match='outside the allowlist') as e:
+        load_checkpoint_file(path)
+    assert 'argparse.ArgumentParser' in str(e.value) and 'io.open' in str(e.value)  # all, not the first only
+
+
+def test_filter_fn_is_given_the_model(tmp_path):
+    model, seen = _tiny(0), []
+
+    def filter_fn(state_dict, into):
+        seen.append(into)
+        return state_dict
+
+    load_weights(model, model.state_dict(), filter_fn=filter_fn)
+    assert seen == [model]

@@ -308,3 +308,74 @@ def test_plateau_follows_the_eval_metric_and_its_direction(decreasing, metrics, 
     for epoch, metric in enumerate(metrics):
         schedule.end_epoch(epoch, metric)
     assert optimizer.param_groups[0]['lr'] == pytest.approx(0.05 if halved else 0.1)
+
+
+def test_fresh_start_leaves_every_clock_at_time_zero():
+    for name in SCHEDULES:
+        lrs, _ = _straight_run(SCHEDULES[name])
+        args, optimizer, schedule = _schedule(SCHEDULES[name])
+        assert ExactResume(args).start(schedule) == 0
+        assert optimizer.param_groups[0]['lr'] == lrs[0, 0], name
+
+
+def test_resume_takes_the_checkpoints_scheduler_state_and_timms_epoch_rule():
+    # the scheduler state of a run with lr 0.2 wins over this run's 0.1 (halved once after epoch 0)
+    state = _schedule(SCHEDULES['per_epoch'] + ['--lr', '0.2'])[2].lr_scheduler.state_dict()
+    args, optimizer, schedule = _schedule(SCHEDULES['per_epoch'])
+    assert ExactResume(args, {'epoch': 0, 'version': 2, 'scheduler': state}, 'c.pth.tar').start(schedule) == 1
+    assert optimizer.param_groups[0]['lr'] == pytest.approx(0.1)
+    # no 'version': timm's first format, whose epoch is the one to start
+    args, optimizer, schedule = _schedule(SCHEDULES['per_epoch'])
+    assert ExactResume(args, {'epoch': 1}, 'old.pth.tar').start(schedule) == 1
+
+
+def test_start_update_sets_the_models_temperature():
+    model = _OneODConv()
+    args = parse_args(['--lr', '0.1', '--epochs', '3', '--warmup-epochs', '0'])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    schedule = TrainingSchedule(args, optimizer, NUM_BATCHES, ModelHooks(model))
+    schedule.start_update(1, 4)
+    assert model.training_hook_log()['temperature'] == pytest.approx(odconv_temperature(1.5), rel=1e-6)
+
+
+def test_defaults_of_the_batch_arithmetic():
+    assert updates_per_epoch(7, 3) == 3  # a short last accumulation updates by default
+    assert samples_per_process(1001, 2) == 501
+
+
+class _AuxModel(torch.nn.Module):
+    """Implements the whole hook protocol with one auxiliary loss term."""
+
+    def set_training_progress(self, epochs):
+        pass
+
+    def scheduled_values(self, epochs):
+        return {}
+
+    def auxiliary_loss_terms(self):
+        return [{'name': 'reg', 'weight': 0.5}]
+
+    def auxiliary_loss(self):
+        return None
+
+    def training_hook_state(self):
+        return {}
+
+    def load_training_hook_state(self, state):
+        pass
+
+    def training_hook_log(self):
+        return {}
+
+
+def test_model_hooks_list_the_models_auxiliary_losses():
+    assert ModelHooks(_AuxModel()).auxiliary_losses() == [{'name': 'reg', 'weight': 0.5}]
+
+
+def test_no_schedule_keeps_the_lr():
+    args, optimizer, schedule = _schedule(['--sched', 'none', '--warmup-epochs', '0'])
+    assert schedule.lr_scheduler is None
+    assert ExactResume(args, {'epoch': 0, 'step': 3, 'version': 2}, 'c.pth.tar').start(schedule) == 0
+    schedule.end_update(0, 3)
+    schedule.end_epoch(0)
+    assert optimizer.param_groups[0]['lr'] == 0.1
