@@ -311,9 +311,9 @@ def test_plateau_follows_the_eval_metric_and_its_direction(decreasing, metrics, 
 
 
 def test_fresh_start_leaves_every_clock_at_time_zero():
-    for name in SCHEDULES:
-        lrs, _ = _straight_run(SCHEDULES[name])
-        args, optimizer, schedule = _schedule(SCHEDULES[name])
+    for name, argv in SCHEDULES.items():
+        lrs, _ = _straight_run(argv)
+        args, optimizer, schedule = _schedule(argv)
         assert ExactResume(args).start(schedule) == 0
         assert optimizer.param_groups[0]['lr'] == lrs[0, 0], name
 
