@@ -91,6 +91,14 @@ def test_yaml_unknown_key_names_closest(tmp_path):
     assert "unknown key 'lr_bse'" in str(e.value.code) and "'lr_base'" in str(e.value.code)
 
 
+def test_yaml_that_is_not_text_is_one_line(tmp_path):
+    binary = tmp_path / 'binary.yaml'
+    binary.write_bytes(b'lr: 0.1\n\xff\xfe\x00')
+    with pytest.raises(SystemExit) as e:
+        options.parse_args(['--config', str(binary)])
+    assert 'not valid YAML' in str(e.value.code) and "can't decode" in str(e.value.code)
+
+
 def test_yaml_malformed_and_not_a_mapping(tmp_path):
     bad = tmp_path / 'bad.yaml'
     bad.write_text('lr: [0.1\nepochs: 2\n')
