@@ -244,7 +244,7 @@ def build_plan(args) -> Dict[str, Any]:
         parameter names); lr and temperature (None without one) of every update; loss (type, label_smoothing,
         mixup); aux_losses; clip_grad (value, mode, per_micro_batch); ema; amp; drop_rate, drop_path_rate;
         sync_bn, dist_bn (`bn_agreement`); train_transform, eval_transform (reprs, non-prefetcher form); and for
-        the summary lr_source, warnings, sched, sched_on_updates, warmup_epochs, cooldown_epochs.
+        the summary lr_source, warnings, sched, sched_on_updates, warmup_epochs, warmup_updates, cooldown_epochs.
     """
     cli.check_model_name(args.model)
     if args.sched == 'plateau':
@@ -291,6 +291,7 @@ def build_plan(args) -> Dict[str, Any]:
         'sched': args.sched,
         'sched_on_updates': bool(args.sched_on_updates),
         'warmup_epochs': args.warmup_epochs,
+        'warmup_updates': args.warmup_updates,
         'cooldown_epochs': args.cooldown_epochs,
         'optimizer': {'type': type(optimizer).__name__, **_plain(defaults)},
         'param_groups': [
@@ -386,6 +387,9 @@ def _plot_plan(plan: Dict[str, Any], png_path: str):
     if cooldown:
         ax.axvspan((epochs - cooldown) * per_epoch, total, color='tab:green', alpha=0.15,
                    label=f'cool-down ({cooldown} ep)')
+    if plan['warmup_updates']:
+        ax.axvspan(0, min(plan['warmup_updates'], total), color='tab:orange', alpha=0.15,
+                   label=f"warm-up ({plan['warmup_updates']} updates)")
     handles, labels = ax.get_legend_handles_labels()
     if plan['temperature'] is not None:
         ax_t = ax.twinx()
@@ -418,8 +422,8 @@ def plan_summary(plan: Dict[str, Any]) -> str:
     groups = ', '.join(f"wd {g['weight_decay']:g} on {len(g['params'])}" +
                        (f" (lr x{g['lr_scale']:g})" if g['lr_scale'] != 1 else '') for g in plan['param_groups'])
     landmarks = [f'update 0: {lrs[0]:.4g}', f'max {max(lrs):.4g}']
-    if plan['warmup_epochs'] and plan['sched'] != 'none':
-        at = min(plan['warmup_epochs'] * per_epoch, len(lrs) - 1)
+    if plan['warmup_epochs'] and plan['sched'] != 'none' or plan['warmup_updates']:
+        at = min(plan['warmup_updates'] or plan['warmup_epochs'] * per_epoch, len(lrs) - 1)
         landmarks.append(f'after warm-up (update {at}): {lrs[at]:.4g}')
     landmarks.append(f'last: {lrs[-1]:.4g}')
     steps = [e for e in range(1, plan['epochs']) if lrs[e * per_epoch] != lrs[e * per_epoch - 1]]
