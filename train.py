@@ -725,4 +725,14 @@ def _evaluate(model, loader, args, device, amp_autocast, log_name='Test'):
 
 
 if __name__ == '__main__':
-    sys.exit(cli.exit_status(main))
+    status = cli.exit_status(main)
+    if status or not torch.distributed.is_torchelastic_launched():
+        sys.exit(status)
+    # The run is complete, its process group destroyed and every file closed. Skip the interpreter's C++ teardown:
+    # after a restarted rendezvous, torch 2.14 can still abort it ("terminate called without an active exception",
+    # exit -6; seen again in tests/test_distributed.py's elastic test under load), and torchrun would then report a
+    # finished job as failed.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -528,6 +528,6 @@ def test_config_names_its_model_and_recipe(path):
 def test_attention_init_is_kaiming_fan_out():
     """The release's init: kaiming normal over each conv's fan-out (std sqrt(2 / out_channels) for 1x1 convs)."""
     torch.manual_seed(0)
-    att = odconv.ODAttention(1024, 1024, 3, kernel_num=4)  # fc: 1024 -> 64 channels, fan-in 16x the fan-out
+    att = ODAttention(1024, 1024, 3, kernel_num=4)  # fc: 1024 -> 64 channels, fan-in 16x the fan-out
     assert att.fc.weight.std().item() == pytest.approx((2 / 64) ** 0.5, rel=0.02)
     assert att.channel_fc.weight.std().item() == pytest.approx((2 / 1024) ** 0.5, rel=0.02)

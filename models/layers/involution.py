@@ -16,10 +16,11 @@ exactly the release's result.
 """
 import torch
 import torch.nn.functional as F
-from timm.layers import register_notrace_module
 from torch import nn
 
 from ops import ddf_impl
+
+from . import untraceable
 
 __all__ = ['Involution2d', 'ConvModule']
 
@@ -55,7 +56,7 @@ class ConvModule(nn.Module):
         return x
 
 
-@register_notrace_module
+@untraceable
 class Involution2d(nn.Module):
     """Involution with the release's kernel generator: [AvgPool(s, s)] -> 1x1 conv + BN + ReLU -> 1x1 conv (bias).
 
