@@ -109,7 +109,6 @@ if CUDA_HOME is None and os.environ.get('DYNCONV_CPU_ONLY', '0') != '1':
 
 setup(
     packages=find_packages(where=ROOT, include=['ops', 'models', 'models.*', 'tools', 'training']),
-    py_modules=['validate'],  # scripts/reproduce.py validates through it
     include_package_data=False,  # ops/csrc holds extension sources, not package data
     ext_modules=[make_extension()],
     cmdclass={'build_ext': BuildExtension},

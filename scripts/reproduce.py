@@ -3,7 +3,7 @@
 
 Looks in CHECKPOINT_DIR for the released checkpoint of every model of the zoo table (scripts/model_zoo.py: the
 project's models, their published variants and the static baselines), validates each one found with validate.py's
-`validate_one` under its paper's evaluation protocol (paper_tables.yaml `eval`: resize/crop, interpolation, mean/std)
+`validate_one` (training/validation.py; the same runtime options) under its paper's evaluation protocol (paper_tables.yaml `eval`: resize/crop, interpolation, mean/std)
 and prints published vs measured top-1/top-5 with the differences as markdown. Every release format loads: timm-era
 ddfnet files, ODConv main.py, DWNet's Swin-style main.py, torchvision-style files, plain state_dicts.
 
@@ -22,32 +22,31 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
-import torch
 import yaml
 from timm.utils import ParseKwargs, setup_default_logging
 
-import validate
 from models._helpers import CheckpointError
 from tools.zoo import DEFAULT_REFERENCE, table_rows
 from training.cli import UsageError
+from training.validation import parse_args, runtime_parser, validate_one, write_results
 
-__all__ = ['row_key', 'find_checkpoint', 'eval_protocols', 'reproduce', 'to_markdown']
+__all__ = ['eval_protocols', 'find_checkpoint', 'reproduce', 'row_key', 'to_markdown']
 
 _logger = logging.getLogger('reproduce')
 
 _EXTENSIONS = ('.pth.tar', '.pth', '.pt', '.safetensors')
 
 
-def row_key(row: Dict[str, Any]) -> str:
+def row_key(row: dict[str, Any]) -> str:
     """File-name key of a zoo row: the model name, plus `_<k>x` for ODConv models (as the release tables name them)."""
     if row['family'] == 'odconv' and row['kind'] == 'dynamic':
         return f'{row["model"]}_{row["kwargs"].get("kernel_num", 1)}x'
     return row['model']
 
 
-def find_checkpoint(checkpoint_dir: Path, key: str, names: Dict[str, str]) -> Optional[Path]:
+def find_checkpoint(checkpoint_dir: Path, key: str, names: dict[str, str]) -> Path | None:
     """The checkpoint file of a row key in checkpoint_dir (a `names` entry wins), or None."""
     if key in names:
         candidates = [checkpoint_dir / names[key]]
@@ -61,7 +60,7 @@ def _value(entry: Any) -> Any:
     return entry['value'] if isinstance(entry, dict) else entry
 
 
-def eval_protocols(reference: Path) -> Dict[str, Dict[str, Any]]:
+def eval_protocols(reference: Path) -> dict[str, dict[str, Any]]:
     """Per paper family, validate.py's eval arguments (img_size, crop_pct, interpolation, mean, std)."""
     protocols = {}
     for family, section in yaml.safe_load(reference.read_text()).items():
@@ -72,31 +71,30 @@ def eval_protocols(reference: Path) -> Dict[str, Dict[str, Any]]:
     return protocols
 
 
-def _validate_args(args: argparse.Namespace, row: Dict[str, Any], checkpoint: Path,
-                   protocol: Dict[str, Any]) -> argparse.Namespace:
-    """validate.py's Namespace for one row, built through its own parser."""
+def _validate_args(args: argparse.Namespace, row: dict[str, Any], checkpoint: Path,
+                   protocol: dict[str, Any]) -> argparse.Namespace:
+    """validate.py's Namespace for one row, built through its own parser, with this command line's runtime options."""
     protocol = dict(protocol)
     if args.img_size:
         protocol['img_size'] = args.img_size
-    argv = [args.imagenet_dir, '--model', row['model'], '--checkpoint', str(checkpoint), '-b', str(args.batch_size),
-            '-j', str(args.workers), '--device', args.device, '--amp-dtype', args.amp_dtype]
+    argv = [args.imagenet_dir, '--model', row['model'], '--checkpoint', str(checkpoint)]
     for key in ('img_size', 'crop_pct', 'interpolation'):
         if key in protocol:
             argv += [f'--{key.replace("_", "-")}', str(protocol[key])]
     for key in ('mean', 'std'):
         if key in protocol:
             argv += [f'--{key}', *map(str, protocol[key])]
-    flags = dict(amp=args.amp, channels_last=args.channels_last, use_ema=args.use_ema)
-    argv += [f'--{flag.replace("_", "-")}' for flag, on in flags.items() if on]
+    if args.use_ema:
+        argv.append('--use-ema')
     if args.num_classes:
         argv += ['--num-classes', str(args.num_classes)]
     kwargs = {**args.model_kwargs, **row['kwargs']}
     if kwargs:
         argv += ['--model-kwargs', *(f'{k}={v}' for k, v in kwargs.items())]
-    return validate.parse_args(argv)
+    return parse_args(argv, runtime=args)
 
 
-def reproduce(args: argparse.Namespace) -> List[Dict[str, Any]]:
+def reproduce(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Validate every zoo row whose checkpoint is present; returns one result dict per such row."""
     names = yaml.safe_load(args.names.read_text()) if args.names else {}
     if not isinstance(names, dict):
@@ -114,7 +112,7 @@ def reproduce(args: argparse.Namespace) -> List[Dict[str, Any]]:
         if run not in measured:
             _logger.info(f'Validating {key} from {checkpoint}')
             try:
-                measured[run] = validate.validate_one(
+                measured[run] = validate_one(
                     _validate_args(args, row, checkpoint, protocols.get(row['family'], {})))
             except (UsageError, CheckpointError) as e:
                 _logger.error(f'{key}: {e}')
@@ -139,7 +137,7 @@ def _num(value: Any, spec: str) -> str:
     return '' if value is None else format(value, spec)
 
 
-def to_markdown(results: List[Dict[str, Any]]) -> str:
+def to_markdown(results: list[dict[str, Any]]) -> str:
     lines = ['| family | model | kwargs | checkpoint | eval | published top-1 | measured top-1 | Δ top-1 '
              '| published top-5 | measured top-5 | Δ top-5 |',
              '| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |']
@@ -157,21 +155,16 @@ def to_markdown(results: List[Dict[str, Any]]) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def main(argv: List[str] = None) -> int:
+def main(argv: list[str] = None) -> int:
     setup_default_logging()
-    parser = argparse.ArgumentParser(description='Validate every released checkpoint found; published vs measured')
+    parser = argparse.ArgumentParser(description='Validate every released checkpoint found; published vs measured',
+                                     parents=[runtime_parser()])
     parser.add_argument('imagenet_dir', metavar='IMAGENET_DIR', help='ImageNet root (holding val/) or its val folder')
     parser.add_argument('checkpoint_dir', metavar='CHECKPOINT_DIR', type=Path, help='folder of released checkpoints')
     parser.add_argument('--names', type=Path, default=None, help='YAML mapping of row keys to checkpoint file names')
     parser.add_argument('--models', default='', help='comma list of row-key patterns to restrict to (e.g. "od_*")')
     parser.add_argument('--reference', type=Path, default=DEFAULT_REFERENCE, help='paper_tables.yaml')
     parser.add_argument('--list', action='store_true', help='print the row keys and the file looked for; no validation')
-    parser.add_argument('-b', '--batch-size', type=int, default=100, help='batch size')
-    parser.add_argument('-j', '--workers', type=int, default=4, help='data loading processes')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
-    parser.add_argument('--amp', action='store_true', help='mixed precision')
-    parser.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'], help='autocast dtype')
-    parser.add_argument('--channels-last', action='store_true', help='channels_last memory format')
     parser.add_argument('--use-ema', action='store_true', help='validate the EMA weights of training checkpoints')
     parser.add_argument('--img-size', type=int, default=None, help="override the papers' eval crop size")
     parser.add_argument('--num-classes', type=int, default=None, help='classifier size (demo data; default: cfg)')
@@ -208,7 +201,7 @@ def main(argv: List[str] = None) -> int:
     if args.output:
         args.output.write_text(table)
     if args.results_file:
-        validate.write_results(args.results_file, [
+        write_results(args.results_file, [
             {**r, 'kwargs': ' '.join(f'{k}={v}' for k, v in r['kwargs'].items())} for r in results])
     failed = sum('error' in r for r in results)
     if failed:
