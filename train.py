@@ -55,7 +55,7 @@ import models  # noqa: F401  (registers the project's models with timm)
 from models._helpers import CheckpointError, load_weights, pretrained_file
 from training import cli
 from training.cli import UsageError
-from training.distributed import all_gather, bn_running_mean_sum, state_fingerprint
+from training.distributed import all_gather, bn_running_mean_sum, close_process_group, state_fingerprint
 from training.evaluate import evaluate
 from training.hooks import ModelHooks
 from training.options import args_for_yaml, check_resolution, global_batch_size, parse_args, resolve_lr
@@ -208,13 +208,16 @@ def main(argv=None):
     else:
         _logger.info(f'Training with a single process on 1 device ({args.device}).')
 
+    failure = None
     try:
         with cli.usage_errors('train.py'):
             _train(args, device, lr_source)
     except NonFiniteLoss as e:
-        if args.distributed:
-            torch.distributed.destroy_process_group()
-        raise SystemExit(f'train.py: error: {e}')
+        failure = f'train.py: error: {e}'
+    if args.distributed:  # here, where _train's objects (and the exception's traceback) no longer hold the group
+        close_process_group()
+    if failure:
+        raise SystemExit(failure)
 
 
 def _create_model(args):
@@ -511,8 +514,6 @@ def _train(args, device, lr_source):
         (_logger.info if same else _logger.warning)(
             f'Final model state on {args.world_size} ranks: {"identical" if same else "DIFFERENT"} '
             f'(sha1 {fingerprints})')
-    if args.distributed:  # before interpreter teardown, which must not meet live store or gloo threads
-        torch.distributed.destroy_process_group()
     if tb_writer is not None:
         tb_writer.close()
     if primary:
@@ -725,14 +726,4 @@ def _evaluate(model, loader, args, device, amp_autocast, log_name='Test'):
 
 
 if __name__ == '__main__':
-    status = cli.exit_status(main)
-    if status or not torch.distributed.is_torchelastic_launched():
-        sys.exit(status)
-    # The run is complete, its process group destroyed and every file closed. Skip the interpreter's C++ teardown:
-    # after a restarted rendezvous, torch 2.14 can still abort it ("terminate called without an active exception",
-    # exit -6; seen again in tests/test_distributed.py's elastic test under load), and torchrun would then report a
-    # finished job as failed.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    sys.exit(cli.exit_status(main))
