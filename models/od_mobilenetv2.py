@@ -5,7 +5,9 @@ Original release: https://github.com/OSVAI/ODConv (`models/od_mobilenetv2.py`, t
 
 Every convolution except the stem is an `ODConv2d` (depth-wise ones without filter attention). The module tree is
 the release's (`features.<i>`, `classifier.1`), so its state_dicts load with strict=True; the class follows timm's
-model contract. Entrypoint kwargs: `kernel_num` (default 1), `reduction` (0.0625), `temp_init`, `temp_epochs`.
+model contract. Entrypoint kwargs: `kernel_num` (default 1), `reduction` (0.0625), `attention_norm` ('batch' as
+released; 'layer' or 'none' train at batch 1), `temp_init`, `temp_epochs`. `timm.utils.reparameterize_model` folds
+every BatchNorm into the conv before it.
 """
 import math
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -17,6 +19,7 @@ from timm.layers import make_divisible
 from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from .layers.fusion import fuse_sequential
 from .layers.odconv import ODConv2d, ODConvTrainingHooks
 
 __all__ = ['ODMobileNetV2']
@@ -32,10 +35,14 @@ class ConvBnAct(nn.Sequential):
                  od: bool = True, **od_kwargs):
         padding = (kernel_size - 1) // 2
         if od:
-            conv = ODConv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, **od_kwargs)
+            conv = ODConv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False, **od_kwargs)
         else:
             conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)
         super().__init__(conv, nn.BatchNorm2d(out_chs), nn.ReLU6(inplace=True))
+
+    def reparameterize(self) -> None:
+        """Folds the BatchNorm into the conv (timm's `reparameterize_model` hook; eval mode)."""
+        fuse_sequential(self)
 
 
 class ODInvertedResidual(nn.Module):
@@ -50,10 +57,15 @@ class ODInvertedResidual(nn.Module):
             layers.append(ConvBnAct(in_chs, hidden_chs, kernel_size=1, **od_kwargs))
         layers += [
             ConvBnAct(hidden_chs, hidden_chs, stride=stride, groups=hidden_chs, **od_kwargs),
-            ODConv2d(hidden_chs, out_chs, 1, **od_kwargs),
+            ODConv2d(hidden_chs, out_chs, 1, bias=False, **od_kwargs),
             nn.BatchNorm2d(out_chs),
         ]
         self.conv = nn.Sequential(*layers)
+
+    def reparameterize(self) -> None:
+        """Folds the projection's BatchNorm into it (timm's `reparameterize_model` hook; eval mode); the ConvBnAct
+        blocks fold their own."""
+        fuse_sequential(self.conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
@@ -74,6 +86,7 @@ class ODMobileNetV2(ODConvTrainingHooks, nn.Module):
             drop_rate: float = 0.,
             kernel_num: int = 1,
             reduction: float = 0.0625,
+            attention_norm: str = 'batch',
             temp_init: float = 30.,
             temp_epochs: float = 10.,
     ):
@@ -90,6 +103,7 @@ class ODMobileNetV2(ODConvTrainingHooks, nn.Module):
             drop_rate: Dropout before the classifier (the release's `dropout`).
             kernel_num: ODConv candidate kernels.
             reduction: ODConv attention reduction ratio.
+            attention_norm: ODConv attention norm: 'batch' (released), 'layer' or 'none' (any training batch size).
             temp_init: Attention temperature at the start of training.
             temp_epochs: Epochs over which the temperature anneals linearly to 1.
         """
@@ -103,7 +117,7 @@ class ODMobileNetV2(ODConvTrainingHooks, nn.Module):
         self.temp_init = temp_init
         self.temp_epochs = temp_epochs
         self.grad_checkpointing = False
-        od_kwargs = dict(reduction=reduction, kernel_num=kernel_num)
+        od_kwargs = dict(reduction=reduction, kernel_num=kernel_num, attention_norm=attention_norm)
 
         in_chs = make_divisible(32 * width_mult, round_nearest)
         features = [ConvBnAct(in_chans, in_chs, stride=2, od=False)]

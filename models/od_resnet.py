@@ -5,8 +5,9 @@ Original release: https://github.com/OSVAI/ODConv (`models/od_resnet.py`, torchv
 
 Every convolution inside the basic/bottleneck blocks is an `ODConv2d`; the stem and the downsample shortcuts stay
 plain convolutions. Built on timm's ResNet (same key names as torchvision's), so the release's state_dicts load with
-strict=True. Entrypoint kwargs: `kernel_num` (default 1), `reduction` (0.0625), `temp_init` (30) and `temp_epochs`
-(10) for the temperature annealing driven by the framework's training hooks.
+strict=True. Entrypoint kwargs: `kernel_num` (default 1), `reduction` (0.0625), `attention_norm` ('batch' as released;
+'layer' or 'none' train at batch 1), `temp_init` (30) and `temp_epochs` (10) for the temperature annealing driven by
+the framework's training hooks. `timm.utils.reparameterize_model` folds every block's BatchNorms into its convs.
 """
 import math
 from typing import Any, Dict, Optional, Tuple, Type
@@ -16,12 +17,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from .layers.fusion import FusibleResNetBlock
 from .layers.odconv import ODConv2d, ODConvTrainingHooks
 
 __all__ = ['ODBasicBlock', 'ODBottleneck', 'ODResNet']
 
 
-class ODBasicBlock(BasicBlock):
+class ODBasicBlock(FusibleResNetBlock, BasicBlock):
     """timm ResNet basic block with both 3x3 convs as ODConv2d."""
 
     def __init__(
@@ -36,6 +38,7 @@ class ODBasicBlock(BasicBlock):
             aa_layer: Optional[Type[nn.Module]] = None,
             kernel_num: int = 1,
             reduction: float = 0.0625,
+            attention_norm: str = 'batch',
             device=None,
             dtype=None,
             **kwargs,
@@ -45,11 +48,13 @@ class ODBasicBlock(BasicBlock):
             inplanes .. first_dilation, aa_layer, kwargs: As timm's `BasicBlock`.
             kernel_num: ODConv candidate kernels.
             reduction: ODConv attention reduction ratio.
+            attention_norm: ODConv attention norm ('batch', 'layer' or 'none').
         """
         super().__init__(
             inplanes, planes, stride=stride, downsample=downsample, reduce_first=reduce_first, dilation=dilation,
             first_dilation=first_dilation, aa_layer=aa_layer, device=device, dtype=dtype, **kwargs)
-        dd = dict(reduction=reduction, kernel_num=kernel_num, device=device, dtype=dtype)
+        dd = dict(bias=False, reduction=reduction, kernel_num=kernel_num, attention_norm=attention_norm, device=device,
+                  dtype=dtype)
         first_planes = planes // reduce_first
         first_dilation = first_dilation or dilation
         use_aa = aa_layer is not None and (stride == 2 or first_dilation != dilation)
@@ -59,7 +64,7 @@ class ODBasicBlock(BasicBlock):
         self.conv2 = ODConv2d(first_planes, planes * self.expansion, 3, padding=dilation, dilation=dilation, **dd)
 
 
-class ODBottleneck(Bottleneck):
+class ODBottleneck(FusibleResNetBlock, Bottleneck):
     """timm ResNet bottleneck with its 1x1, 3x3 and 1x1 convs as ODConv2d."""
 
     def __init__(
@@ -76,6 +81,7 @@ class ODBottleneck(Bottleneck):
             aa_layer: Optional[Type[nn.Module]] = None,
             kernel_num: int = 1,
             reduction: float = 0.0625,
+            attention_norm: str = 'batch',
             device=None,
             dtype=None,
             **kwargs,
@@ -85,12 +91,14 @@ class ODBottleneck(Bottleneck):
             inplanes .. first_dilation, aa_layer, kwargs: As timm's `Bottleneck`.
             kernel_num: ODConv candidate kernels.
             reduction: ODConv attention reduction ratio.
+            attention_norm: ODConv attention norm ('batch', 'layer' or 'none').
         """
         super().__init__(
             inplanes, planes, stride=stride, downsample=downsample, cardinality=cardinality, base_width=base_width,
             reduce_first=reduce_first, dilation=dilation, first_dilation=first_dilation, aa_layer=aa_layer,
             device=device, dtype=dtype, **kwargs)
-        dd = dict(reduction=reduction, kernel_num=kernel_num, device=device, dtype=dtype)
+        dd = dict(bias=False, reduction=reduction, kernel_num=kernel_num, attention_norm=attention_norm, device=device,
+                  dtype=dtype)
         width = int(math.floor(planes * (base_width / 64)) * cardinality)
         first_planes = width // reduce_first
         first_dilation = first_dilation or dilation
@@ -111,6 +119,7 @@ class ODResNet(ODConvTrainingHooks, ResNet):
             layers: Tuple[int, ...],
             kernel_num: int = 1,
             reduction: float = 0.0625,
+            attention_norm: str = 'batch',
             temp_init: float = 30.,
             temp_epochs: float = 10.,
             zero_init_last: bool = False,
@@ -123,6 +132,7 @@ class ODResNet(ODConvTrainingHooks, ResNet):
             layers: Blocks per stage.
             kernel_num: ODConv candidate kernels in every block conv.
             reduction: ODConv attention reduction ratio.
+            attention_norm: ODConv attention norm: 'batch' (released), 'layer' or 'none' (any training batch size).
             temp_init: Attention temperature at the start of training.
             temp_epochs: Epochs over which the temperature anneals linearly to 1.
             zero_init_last: Zero the last BN of each block (timm option; the release does not).
@@ -131,7 +141,7 @@ class ODResNet(ODConvTrainingHooks, ResNet):
         """
         self.temp_init = temp_init
         self.temp_epochs = temp_epochs
-        block_args = dict(block_args or {}, kernel_num=kernel_num, reduction=reduction)
+        block_args = dict(block_args or {}, kernel_num=kernel_num, reduction=reduction, attention_norm=attention_norm)
         super().__init__(block, layers, zero_init_last=zero_init_last, block_args=block_args, **kwargs)
 
     def init_weights(self, zero_init_last: bool = False) -> None:

@@ -141,7 +141,8 @@ def layer_table(args):
                 static, xs = _prep(torch.nn.Conv2d(in_chs, out_chs, k, stride, k // 2, bias=False), x, args)
                 steps['static'] = _layer_step(static, xs, train, args.bf16)
                 for f in args.formulations:
-                    od, xo = _prep(ODConv2d(in_chs, out_chs, k, stride, k // 2, kernel_num=kernel_num), x, args)
+                    od = ODConv2d(in_chs, out_chs, k, stride, k // 2, bias=False, kernel_num=kernel_num)
+                    od, xo = _prep(od, x, args)
                     steps[f] = _layer_step(use_formulation(od, f), xo, train, args.bf16)
                 res = side_by_side(steps, 'static', args.rounds, args.iters, torch.device(args.device))
                 cells = ' | '.join(f'{res[f][0] * 1e3:.2f} ({res[f][1]:.2f})' for f in args.formulations)
