@@ -292,6 +292,13 @@ def _prefix_hint(unexpected: List[str], model_keys: List[str]) -> str:
     return ''
 
 
+def _is_identity(model: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(name), nn.Identity)
+    except AttributeError:
+        return False
+
+
 def _mismatch_message(
         model: nn.Module,
         state_dict: Dict[str, torch.Tensor],
@@ -305,6 +312,11 @@ def _mismatch_message(
         ('missing', missing), ('unexpected', unexpected),
         ('mis-shaped', [f'{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}' for k in misshaped])) if k)
     name = _model_name(model)
+    folded = [k for k in unexpected if k.endswith('.running_mean') and _is_identity(model, k.rsplit('.', 1)[0])]
+    if folded:
+        return (f'checkpoint {source} does not fit model {name}: the model is reparameterized (its BatchNorms are '
+                f'folded, e.g. {folded[0].rsplit(".", 1)[0]}): load the weights into the model as built, then call '
+                f'timm.utils.reparameterize_model')
     head = [k for k in misshaped if _is_classifier_key(k, _classifier_names(model))]
     if head and len(head) == len(misshaped) and not missing and not unexpected:
         weight = next((k for k in head if k.endswith('.weight')), head[0])

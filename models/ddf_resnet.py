@@ -5,7 +5,8 @@ Original release: https://github.com/theFoxofSky/ddfnet (`ddf_resnet.py`, on tim
 
 Each bottleneck's 3x3 conv is replaced by a `DDFPack` (se_ratio 0.2); everything else is timm's ResNet, so the
 state_dict keys are the release's and its checkpoints load with strict=True. Extra entrypoint kwargs `se_ratio`,
-`gen_kernel_size` and `impl` ('ext' or 'reference') go to every DDF bottleneck.
+`gen_kernel_size` and `impl` ('ext' or 'reference') go to every DDF bottleneck. `timm.utils.reparameterize_model`
+folds the BatchNorms after the 1x1 convs and the shortcuts (the DDF op has no bias to take the one after a DDFPack).
 """
 import math
 from typing import Any, Dict, Optional, Type
@@ -16,13 +17,14 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import Bottleneck, ResNet
 
 from .layers.ddf import DDFPack
+from .layers.fusion import FusibleResNetBlock
 
 __all__ = ['DDFBottleneck']
 
 _BLOCK_KWARGS = ('kernel_combine', 'se_ratio', 'gen_kernel_size', 'impl')
 
 
-class DDFBottleneck(Bottleneck):
+class DDFBottleneck(FusibleResNetBlock, Bottleneck):
     """timm ResNet bottleneck whose 3x3 conv (`conv2`) is a DDFPack."""
 
     def __init__(

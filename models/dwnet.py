@@ -12,6 +12,11 @@ original code, none of which changes a parameter, nor an output for inputs the o
 * `dynamic_*` really builds dynamic convs (later revisions overwrite them with static ones: an if/if/else slip);
 * any input size works (no 224 assert; odd sizes are zero-padded before patch merging); `features_only=True` gives
   the four stage outputs before each patch merging, as the detection/segmentation backbones use them.
+
+`timm.utils.reparameterize_model` (eval mode) folds the BatchNorms of every block: after the 1x1 and the static or
+dynamic depth-wise convs (a dynamic conv's through the last layer of its kernel generator and its bias), inside the
+kernel generators, and the one before the MLP into its first linear layer. The BatchNorm after an inhomogeneous conv
+stays (one kernel serves `group_channels` channels, which it scales differently).
 """
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -26,6 +31,7 @@ from timm.models.swin_transformer import PatchMerging
 
 from ._helpers import CheckpointError
 from .layers.dynamic_dw import DynamicDWConv, IDynamicDWConv
+from .layers.fusion import bn_scale_shift, fuse_bn_linear, fuse_pairs, fuse_sequential
 
 __all__ = ['DWNet']
 
@@ -76,6 +82,17 @@ class DWBlock(nn.Module):
         self.conv2 = nn.Conv2d(dim, dim, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(dim)
 
+    def reparameterize(self) -> None:
+        """timm's `reparameterize_model` hook (eval mode): see the module docstring."""
+        fuse_pairs(self, ('conv0', 'bn0'), ('conv2', 'bn2'))
+        if isinstance(self.conv, nn.Conv2d):
+            fuse_pairs(self, ('conv', 'bn'))
+        elif isinstance(self.conv, DynamicDWConv):
+            _fuse_dynamic_dw_bn(self.conv, self.bn)
+            self.bn = nn.Identity()
+        else:
+            fuse_sequential(self.conv.conv1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn0(self.conv0(x)))
         x = self.relu(self.bn(self.conv(x)))
@@ -83,6 +100,18 @@ class DWBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, kernel_size={self.kernel_size}, dw_type={self.dw_type}'
+
+
+@torch.no_grad()
+def _fuse_dynamic_dw_bn(conv: DynamicDWConv, bn: nn.BatchNorm2d) -> None:
+    """Folds `bn` after a DynamicDWConv into it, in place: bn's scale into the kernels (channel c's k*k taps are rows
+    of the generator's last 1x1 conv), bn's shift into the bias; and the generator's BatchNorm into its first conv."""
+    fuse_pairs(conv, ('conv1', 'bn'))
+    scale, shift = bn_scale_shift(bn)
+    rows = scale.repeat_interleave(conv.kernel_size ** 2)
+    conv.conv2.weight.mul_(rows[:, None, None, None])
+    conv.conv2.bias.mul_(rows)
+    conv.bias = nn.Parameter(shift if conv.bias is None else conv.bias * scale + shift)
 
 
 class DWNetBlock(nn.Module):
@@ -106,6 +135,12 @@ class DWNetBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.bn = nn.BatchNorm2d(dim)
+
+    def reparameterize(self) -> None:
+        """Folds the BatchNorm before the MLP into its first linear layer (timm's `reparameterize_model` hook; eval
+        mode); the token mixer folds its own."""
+        fuse_bn_linear(self.bn, self.mlp.fc1)
+        self.bn = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn2conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))

@@ -12,6 +12,10 @@ Unlike the release, `forward` returns logits only: the group regularizer reaches
 training hook `auxiliary_loss()`, weighted by `reg_weight` (0 disables it) in the form `reg_form`:
     'raw': sum over layers of 2^(K + sum of binarised gates), the kept mask entries (release; paper Eq. 9);
     'normalized': mean over layers of that count divided by C^2, the kept fraction of dense connections in [0, 1].
+
+`timm.utils.reparameterize_model` (eval mode) turns each DGConv into the grouped conv its gates learned, with the
+block's BatchNorms folded in; the channel order that makes its groups contiguous is taken by the neighbouring 1x1
+convs, so the fused bottleneck is a plain ResNeXt one (inference only: without DGConvs there is no regularizer).
 """
 from typing import Any, Dict, List, Optional, Type
 
@@ -21,14 +25,15 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
-from .layers.dgconv import DGConv2d
+from .layers.dgconv import ChannelPermutedConv2d, DGConv2d
+from .layers.fusion import FusibleResNetBlock
 
 __all__ = ['GBottleneck', 'GResNet']
 
 REG_FORMS = ('raw', 'normalized')
 
 
-class GBottleneck(Bottleneck):
+class GBottleneck(FusibleResNetBlock, Bottleneck):
     """timm ResNet bottleneck whose 3x3 conv (`conv2`) is a dense DGConv2d of the bottleneck width."""
 
     def __init__(
@@ -69,6 +74,13 @@ class GBottleneck(Bottleneck):
             width, width, 3, stride=1 if use_aa else stride, padding=first_dilation, dilation=first_dilation,
             bias=False, device=device, dtype=dtype)
 
+    def reparameterize(self) -> None:
+        """timm's `reparameterize_model` hook (eval mode): BatchNorms folded, the DGConv a grouped conv whose channel
+        order conv1 emits and conv3 takes (between them only channel-wise ops: activations, anti-aliasing)."""
+        super().reparameterize()
+        if isinstance(self.conv2, ChannelPermutedConv2d):
+            self.conv2 = self.conv2.absorb_into(self.conv1, self.conv3)
+
 
 class GResNet(ResNet):
     """timm ResNet with DGConv bottlenecks and the group regularizer as an auxiliary loss.
@@ -99,6 +111,9 @@ class GResNet(ResNet):
     def group_regularizer(self) -> torch.Tensor:
         """The unweighted regularizer in the configured form; differentiable w.r.t. the gates (STE)."""
         layers = self.dgconv_layers().values()
+        if not layers:
+            raise RuntimeError('this G-ResNeXt was reparameterized for inference (its DGConvs are plain grouped convs): '
+                               'train the model before timm.utils.reparameterize_model')
         if self.reg_form == 'raw':
             return torch.stack([m.regularizer() for m in layers]).sum()
         return torch.stack([m.regularizer() / m.in_channels ** 2 for m in layers]).mean()

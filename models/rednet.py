@@ -16,6 +16,10 @@ stride, 1x1 conv, expansion 4) with a 1x1 conv + BN shortcut where the shape cha
 2-3-5-2 (38), 3-4-6-3 (50), 3-4-23-3 (101), 3-8-36-3 (152). Initialisation as the release's `init_weights`: Kaiming
 normal (fan_out, ReLU) on every conv with zero biases, BN weight 1 and bias 0, each bottleneck's last BN zeroed
 (zero_init_residual), the head N(0, 0.01) with a zero bias (mmcls LinearClsHead).
+
+`timm.utils.reparameterize_model` (eval mode) folds every BatchNorm that follows a conv: in the stem, the bottlenecks,
+the shortcuts and the involutions' kernel generators; those after an involution stay (its kernel is shared by
+`group_channels` channels, which their BatchNorm scales differently).
 """
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -27,6 +31,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from timm.models.resnet import Bottleneck
 
+from .layers.fusion import FusibleResNetBlock, fuse_pairs
 from .layers.involution import ConvModule, Involution2d
 
 __all__ = ['RedNet', 'InvolutionBottleneck']
@@ -34,7 +39,7 @@ __all__ = ['RedNet', 'InvolutionBottleneck']
 _EXPANSION = 4
 
 
-class InvolutionBottleneck(Bottleneck):
+class InvolutionBottleneck(FusibleResNetBlock, Bottleneck):
     """timm ResNet bottleneck whose 3x3 conv (`conv2`) is a k=7 involution carrying the block's stride (the release's
     style 'pytorch'); names conv1/bn1/conv2/bn2/conv3/bn3/downsample as the release's Bottleneck."""
 
@@ -104,6 +109,13 @@ class RedNetBackbone(nn.Module):
             self.add_module(f'layer{i + 1}', nn.Sequential(*blocks))
             planes *= 2
         self.num_features = inplanes
+
+    def reparameterize(self) -> None:
+        """Folds the BatchNorm of every ConvModule (stem convs, involution kernel generators) into its conv (timm's
+        `reparameterize_model` hook; eval mode); the bottlenecks fold their own."""
+        for m in self.modules():
+            if isinstance(m, ConvModule) and isinstance(m.bn, nn.BatchNorm2d):
+                fuse_pairs(m, ('conv', 'bn'))
 
 
 class RedNet(nn.Module):

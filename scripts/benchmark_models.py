@@ -15,10 +15,15 @@ includes the weights and the optimizer state).
 baseline and against the same model in eager mode, and its first call of each phase (the compilation) is timed
 apart from the warm-up and the timed batches.
 
+`--reparameterize` also runs every dynamic model in its deployment form (`timm.utils.reparameterize_model`, in the
+same process, inference only: a fused model is eval-only): a fused row follows each unfused one, with its speed
+against the unfused model ("vs unfused"; the same mode, eager or compiled).
+
 Usage:
     python scripts/benchmark_models.py --output benchmarks/models.md
     python scripts/benchmark_models.py --device cuda --amp --channels-last -b 64 --families odconv,ddf
     python scripts/benchmark_models.py --torchcompile --families odconv,dwnet
+    python scripts/benchmark_models.py --reparameterize --no-train -b 1 --families odconv,dgconv
 """
 import argparse
 import ctypes
@@ -37,7 +42,7 @@ from typing import Any, Dict, List, Optional
 
 import timm
 import torch
-from timm.utils import ParseKwargs
+from timm.utils import ParseKwargs, reparameterize_model
 
 import models  # noqa: F401  (registers the project's models)
 
@@ -141,13 +146,17 @@ def benchmark_model(
         channels_last: bool = False,
         train: bool = True,
         compile_args: Optional[Dict[str, Any]] = None,
+        reparameterize: bool = False,
 ) -> Dict[str, Any]:
     """Inference and training img/s and peak memory of one model at batch_size x 3 x img_size x img_size, eager or
-    under `torch.compile(**compile_args)`."""
+    under `torch.compile(**compile_args)`; `reparameterize`: its deployment form, inference only."""
     _release_memory()
     torch._dynamo.reset()  # models of one class share `forward`'s compile cache (and its recompile limit)
     rss_base = _RssPeak().rss() if device.type == 'cpu' else 0
     module = timm.create_model(name, **kwargs).to(device)
+    if reparameterize:
+        module = reparameterize_model(module.eval(), inplace=True)
+        train = False
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     module = module.to(memory_format=memory_format)
     model = module if compile_args is None else torch.compile(module, **compile_args)
@@ -163,7 +172,7 @@ def benchmark_model(
 
     compiled = compile_args is not None
     result = dict(model=name, kwargs=kwargs, params_m=sum(p.numel() for p in module.parameters()) / 1e6,
-                  compiled=compiled)
+                  compiled=compiled, fused=reparameterize)
     seconds, peak, compile_seconds = _phase(infer, device, warmup, iters, rss_base, compiled)
     result.update(infer_img_s=batch_size / seconds, infer_peak_mb=peak / 2 ** 20, infer_compile_s=compile_seconds)
     if train:
@@ -200,25 +209,32 @@ def run_benchmarks(args: argparse.Namespace) -> List[Dict[str, Any]]:
                 _logger.warning(f'{name} is not registered; skipped')
                 continue
             for compile_args in modes:
-                _logger.info(f'{family}: {name} {kwargs}' + (' compiled' if compile_args else ''))
-                row = benchmark_model(
-                    name, {**kwargs, **args.model_kwargs}, device, args.batch_size, args.img_size, args.warmup,
-                    args.iters, amp_dtype=amp_dtype, channels_last=args.channels_last, train=not args.no_train,
-                    compile_args=compile_args)
-                row.update(family=family, kind=kind, baseline=baseline)
-                rows.append(row)
-                _logger.info(
-                    f'  infer {row["infer_img_s"]:.1f} img/s' +
-                    (f', train {row["train_img_s"]:.1f} img/s' if 'train_img_s' in row else ''))
+                for fused in (False, True) if args.reparameterize and kind == 'dynamic' else (False,):
+                    _logger.info(f'{family}: {name} {kwargs}' + (' fused' if fused else '') +
+                                 (' compiled' if compile_args else ''))
+                    row = benchmark_model(
+                        name, {**kwargs, **args.model_kwargs}, device, args.batch_size, args.img_size, args.warmup,
+                        args.iters, amp_dtype=amp_dtype, channels_last=args.channels_last, train=not args.no_train,
+                        compile_args=compile_args, reparameterize=fused)
+                    row.update(family=family, kind=kind, baseline=baseline)
+                    rows.append(row)
+                    _logger.info(
+                        f'  infer {row["infer_img_s"]:.1f} img/s' +
+                        (f', train {row["train_img_s"]:.1f} img/s' if 'train_img_s' in row else ''))
+
+    def same_model(a, b):
+        return a['family'] == b['family'] and a['model'] == b['model'] and a['kwargs'] == b['kwargs']
+
     for row in rows:
         base = next(r for r in rows if r['family'] == row['family'] and r['kind'] == 'baseline'
                     and r['compiled'] == row['compiled'])
-        eager = next(r for r in rows if r['family'] == row['family'] and r['model'] == row['model']
-                     and r['kwargs'] == row['kwargs'] and not r['compiled'])
+        eager = next(r for r in rows if same_model(r, row) and r['fused'] == row['fused'] and not r['compiled'])
+        unfused = next(r for r in rows if same_model(r, row) and r['compiled'] == row['compiled'] and not r['fused'])
         for key in ('infer_img_s', 'train_img_s'):
             if key in row:
                 row[key + '_ratio'] = row[key] / base[key]
                 row[key + '_vs_eager'] = row[key] / eager[key]
+        row['infer_img_s_vs_unfused'] = row['infer_img_s'] / unfused['infer_img_s']
     return rows
 
 
@@ -240,10 +256,12 @@ def to_markdown(rows: List[Dict[str, Any]], args: argparse.Namespace, command: s
     precision = f'autocast {args.amp_dtype}' if args.amp else 'float32'
     memory = 'max allocated' if device.type == 'cuda' else 'peak RSS above the pre-model baseline'
     compiled = bool(args.torchcompile)
+    fused = args.reparameterize
     lines = [
         f'### {args.device.upper()}, batch {args.batch_size}, {args.img_size}x{args.img_size}, {precision}'
         f'{", channels_last" if args.channels_last else ""}'
-        f'{f", eager and torch.compile ({args.torchcompile})" if compiled else ""}',
+        f'{f", eager and torch.compile ({args.torchcompile})" if compiled else ""}'
+        f'{", unfused and reparameterized" if fused else ""}',
         '',
         f'- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC',
         f'- Machine: {machine_description(device)}',
@@ -253,12 +271,17 @@ def to_markdown(rows: List[Dict[str, Any]], args: argparse.Namespace, command: s
     if compiled:
         lines.append('- Compiled rows: "vs baseline" against the compiled baseline, "vs eager" against the same model '
                      'in eager mode; "compile s" is the first call of each phase (inference / training).')
+    if fused:
+        lines.append('- Fused rows: `timm.utils.reparameterize_model` (eval mode, inference only); "vs unfused" against '
+                     'the same model unfused, in the same mode.')
     header = ['family', 'model', 'kwargs']
     if compiled:
         header.append('mode')
     header += ['params (M)', 'infer img/s', 'vs baseline']
     if compiled:
         header.append('vs eager')
+    if fused:
+        header.append('vs unfused')
     header += ['train img/s', 'vs baseline']
     if compiled:
         header += ['vs eager', 'compile s']
@@ -266,13 +289,16 @@ def to_markdown(rows: List[Dict[str, Any]], args: argparse.Namespace, command: s
     lines += ['', '| ' + ' | '.join(header) + ' |',
               '| --- | --- | --- |' + ' --- |' * compiled + ' ---: |' * (len(header) - 3 - compiled)]
     for r in rows:
-        cells = [r['family'], f'`{r["model"]}`' + (' (baseline)' if r['kind'] == 'baseline' else ''),
+        cells = [r['family'], f'`{r["model"]}`' + (' (baseline)' if r['kind'] == 'baseline' else '')
+                 + (' fused' if r['fused'] else ''),
                  ' '.join(f'{k}={v}' for k, v in r['kwargs'].items())]
         if compiled:
             cells.append('compiled' if r['compiled'] else 'eager')
         cells += [f'{r["params_m"]:.2f}', f'{r["infer_img_s"]:.1f}', f'{r["infer_img_s_ratio"]:.2f}x']
         if compiled:
             cells.append(f'{r["infer_img_s_vs_eager"]:.2f}x' if r['compiled'] else '-')
+        if fused:
+            cells.append(f'{r["infer_img_s_vs_unfused"]:.2f}x' if r['fused'] else '-')
         trained = 'train_img_s' in r
         cells += [f'{r["train_img_s"]:.1f}' if trained else '-', f'{r["train_img_s_ratio"]:.2f}x' if trained else '-']
         if compiled:
@@ -301,6 +327,9 @@ def main(argv=None) -> int:
     parser.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                         help='also run every model under torch.compile with this backend (default inductor)')
     parser.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode')
+    parser.add_argument('--reparameterize', action='store_true',
+                        help='also run every dynamic model reparameterized (timm.utils.reparameterize_model), '
+                             'inference only')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                         help='key=value arguments added to every model (e.g. num_classes=10)')
     parser.add_argument('--output', default='', help='append the markdown section to this file')

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import models  # noqa: F401  (registers the models)
 from models._helpers import load_weights
 from models.g_resnext import GResNet
-from models.layers.dgconv import DGConv2d, binarize_ste
+from models.layers.dgconv import ChannelPermutedConv2d, DGConv2d, binarize_ste
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / 'reference' / 'state_dicts'
 # Narrow G-ResNeXt: bottleneck widths 8..64 (powers of two).
@@ -77,6 +77,61 @@ def test_identity_mask_equals_depthwise_conv():
     x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
     diagonal = torch.stack([conv.conv.weight[c, c] for c in range(4)])[:, None]
     torch.testing.assert_close(conv(x), F.conv2d(x, diagonal, padding=1, groups=4))
+
+
+# Inference form: DGConv2d.fuse
+
+# gates -> (groups, whether the groups are contiguous channel ranges). Channel bit K - 1 - i belongs to gate i.
+FUSE_CASES = [
+    ([-1., -1., -1., -1.], 16, True),  # depth-wise
+    ([1., 1., 1., 1.], 1, True),  # dense
+    ([-1., -1., 1., 1.], 4, True),  # the two high bits apart: 4 blocks of 4 consecutive channels
+    ([1., -1., 1., -1.], 4, False),  # bits 2 and 0 apart: channels {0, 2, 8, 10} form a group
+    ([1., 1., 1., -1.], 2, False),  # even and odd channels
+    ([0., -1., 1., 0.], 2, False),  # gates at exactly 0 connect (with weight 0.5), as in the mask
+]
+
+
+@pytest.mark.parametrize('with_bn', [False, True])
+@pytest.mark.parametrize('gates,groups,contiguous', FUSE_CASES)
+def test_fuse_is_the_masked_conv_as_a_grouped_one(gates, groups, contiguous, with_bn):
+    """fuse() gives a conv with the mask's groups, gathering the channels when the groups are not contiguous; the
+    same outputs (and with a following BatchNorm folded in) in both memory formats."""
+    torch.manual_seed(0)
+    conv = _dgconv(16, gates, bias=not with_bn, stride=2).eval()
+    bn = torch.nn.BatchNorm2d(16).double().eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.), bn.weight.normal_(), bn.bias.normal_()
+    fused = conv.fuse(bn) if with_bn else conv.fuse()
+    assert type(fused) is (torch.nn.Conv2d if contiguous else ChannelPermutedConv2d)
+    assert fused.groups == groups == conv.num_groups()
+    assert fused.weight.shape == (16, 16 // groups, 3, 3)
+    x = torch.randn(2, 16, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        expected = bn(conv(x)) if with_bn else conv(x)
+        torch.testing.assert_close(fused(x), expected)
+        torch.testing.assert_close(fused(x.contiguous(memory_format=torch.channels_last)), expected)
+
+
+def test_permuted_conv_absorbed_by_its_neighbours():
+    """absorb_into: conv1 emits the permuted channel order, conv3 takes it, a plain grouped conv in between."""
+    torch.manual_seed(0)
+    before, after = torch.nn.Conv2d(4, 16, 1).double(), torch.nn.Conv2d(16, 6, 1, bias=False).double()
+    permuted = _dgconv(16, [1., -1., 1., -1.]).eval().fuse()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        expected = after(torch.relu(permuted(before(x))))
+        plain = permuted.absorb_into(before, after)
+        assert type(plain) is torch.nn.Conv2d and plain.groups == 4
+        torch.testing.assert_close(after(torch.relu(plain(before(x)))), expected)
+
+
+def test_permuted_conv_exports_with_a_dynamic_batch():
+    conv = _dgconv(8, [1., -1., 1.]).float().eval().fuse()
+    exported = torch.export.export(conv, (torch.randn(2, 8, 5, 5),),
+                                   dynamic_shapes=({0: torch.export.Dim('batch')},))
+    x = torch.randn(3, 8, 5, 5)
+    torch.testing.assert_close(exported.module()(x), conv(x))
 
 
 def test_gate_and_weight_gradients():

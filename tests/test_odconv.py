@@ -56,7 +56,7 @@ def _released_attentions(attn: ODAttention, x: torch.Tensor):
 
 def _layer(in_chs, out_chs, k, stride, groups, kernel_num, dtype=torch.float64):
     torch.manual_seed(0)
-    layer = ODConv2d(in_chs, out_chs, k, stride, k // 2, groups=groups, kernel_num=kernel_num).to(dtype)
+    layer = ODConv2d(in_chs, out_chs, k, stride, k // 2, groups=groups, bias=False, kernel_num=kernel_num).to(dtype)
     # Non-zero biases so that every attention really varies with the input.
     for name, p in layer.attention.named_parameters():
         if name.endswith('_fc.bias'):
@@ -260,24 +260,76 @@ def test_empty_batch_in_eval(monkeypatch, in_chs, out_chs, k, stride, groups, ke
             assert layer(torch.randn(0, in_chs, 9, 9)).shape == (0, out_chs, size, size)
 
 
+# nn.Conv2d arguments (positional, keywords) -> the same layer as ODConv2d; every case runs on a 9x10 input.
+CONV2D_CASES = [
+    ((8, 12, 3), {}),
+    ((8, 12, (3, 3)), dict(stride=(2, 2), padding=(1, 1), bias=False)),
+    ((8, 12, 3, 1, (1, 0), 2), {}),  # unequal padding, dilation
+    ((), dict(in_channels=8, out_channels=12, kernel_size=3, padding='same', dilation=2)),
+    ((), dict(in_channels=8, out_channels=12, kernel_size=2, padding='same')),  # odd total: the extra at the end
+    ((), dict(in_channels=8, out_channels=12, kernel_size=4, padding='same', bias=False)),
+    ((8, 12, 1, 2, 'valid'), {}),
+    ((8, 12, 3, 1, 1, 1, 4), {}),  # groups
+    ((8, 8, 3), dict(padding=2, dilation=2, groups=8, bias=False)),  # depth-wise
+    ((8, 12, 3, 1, 1, 1, 1, True, 'reflect'), {}),
+    ((8, 12, 3), dict(stride=2, padding=(2, 1), padding_mode='replicate')),
+    ((8, 12, 3), dict(padding=1, padding_mode='circular', bias=False)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize('args,kwargs', CONV2D_CASES, ids=[str(i) for i in range(len(CONV2D_CASES))])
+def test_built_from_conv2d_arguments_it_computes_that_conv(args, kwargs):
+    """Built from the same arguments as an nn.Conv2d, with one kernel and attentions fixed to 1 (zero weights,
+    large biases: sigmoid(40) is 1 in float64), ODConv2d computes that nn.Conv2d: same parameter shapes, padding
+    sides and modes, bias."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(*args, **kwargs).double()
+    layer = ODConv2d(*args, **kwargs, kernel_num=1).double().eval()
+    assert layer.weight[0].shape == conv.weight.shape
+    assert (layer.bias is None) == (conv.bias is None)
+    with torch.no_grad():
+        for name, p in layer.attention.named_parameters():
+            if name.endswith('_fc.weight'):
+                p.zero_()
+            elif name.endswith('_fc.bias'):
+                p.fill_(40.)
+        layer.weight[0].copy_(conv.weight)
+        if conv.bias is not None:
+            layer.bias.copy_(conv.bias)
+        x = torch.randn(2, 8, 9, 10, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), conv(x))
+
+
+def test_release_and_project_argument_names():
+    """The release's (in_planes, out_planes) and this project's (in_chs, out_chs) names build the same layer, with the
+    release's parameter names."""
+    keys = set(ODConv2d(in_planes=8, out_planes=12, kernel_size=3, bias=False, reduction=0.25, kernel_num=2)
+               .state_dict())
+    assert keys == set(ODConv2d(in_chs=8, out_chs=12, kernel_size=3, bias=False, kernel_num=2).state_dict())
+    assert keys == {'weight', 'attention.fc.weight', 'attention.bn.weight', 'attention.bn.bias',
+                    'attention.bn.running_mean', 'attention.bn.running_var', 'attention.bn.num_batches_tracked',
+                    'attention.channel_fc.weight', 'attention.channel_fc.bias', 'attention.filter_fc.weight',
+                    'attention.filter_fc.bias', 'attention.spatial_fc.weight', 'attention.spatial_fc.bias',
+                    'attention.kernel_fc.weight', 'attention.kernel_fc.bias'}
+    assert 'bias' in ODConv2d(8, 12, 3).state_dict()  # nn.Conv2d's default
+
+
 def test_conv2d_style_arguments():
-    """kernel_size, stride, padding and dilation as nn.Conv2d takes them, for square convolutions; one clear error
+    """kernel_size, stride and dilation as nn.Conv2d takes them, for square convolutions; one clear error
     otherwise."""
     layer = ODConv2d(8, 12, (3, 3), stride=(2, 2), padding=(1, 1), dilation=[1, 1])
     assert (layer.kernel_size, layer.stride, layer.padding, layer.dilation) == (3, 2, 1, 1)
-    x = torch.randn(2, 8, 11, 9)
-    for kernel_size, dilation in ((3, 1), (5, 2), (1, 1)):
-        same = ODConv2d(8, 12, kernel_size, padding='same', dilation=dilation).eval()
-        conv = torch.nn.Conv2d(8, 12, kernel_size, padding='same', dilation=dilation)
-        assert same(x).shape == conv(x).shape == (2, 12, 11, 9)
     assert ODConv2d(8, 12, 3, padding='valid').padding == 0
     bad = [
         (dict(kernel_size=(3, 5)), r'kernel_size must be an int or a tuple of equal ints .*got \(3, 5\)'),
         (dict(kernel_size=3, stride=(1, 2)), 'stride must be an int or a tuple of equal ints'),
-        (dict(kernel_size=3, padding=(1, 0)), 'padding must be an int or a tuple of equal ints'),
         (dict(kernel_size=3, padding='same', stride=2), "padding='same' needs stride 1"),
-        (dict(kernel_size=2, padding='same'), "padding='same' with kernel_size 2 and dilation 1 is asymmetric"),
-        (dict(kernel_size=3, padding='full'), "padding must be an int, got 'full'"),
+        (dict(kernel_size=3, padding='full'), "padding must be an int >= 0, a pair of them, 'valid' or 'same', got "
+                                              "'full'"),
+        (dict(kernel_size=3, padding=(1, 2, 3)), 'padding must be an int >= 0, a pair of them'),
+        (dict(kernel_size=3, padding_mode='mirror'), "padding_mode must be one of .*, got 'mirror'"),
+        (dict(kernel_size=3, attention_norm='instance'), "attention_norm must be one of .*, got 'instance'"),
         (dict(kernel_size=3, impl='fast'), "impl must be one of \\('auto', 'released', 'static', .*\\), got 'fast'"),
         (dict(kernel_size=3, impl='pointwise'), "impl='pointwise' needs a conv that is dense, 1x1, no padding; this "
                                                 "one is not 1x1"),
@@ -286,6 +338,73 @@ def test_conv2d_style_arguments():
         with pytest.raises(ValueError, match=match) as info:
             ODConv2d(8, 12, **kwargs)
         assert '\n' not in str(info.value)
+    for args, kwargs, match in [((8, 12, 3), dict(in_chs=8), 'needs in_channels exactly once, as one of '
+                                                              'in_channels, in_chs, in_planes; got in_channels=8, '
+                                                              'in_chs=8'),
+                                ((), dict(out_channels=12, kernel_size=3), 'needs in_channels exactly once.*got none'),
+                                ((8, 12), {}, 'needs kernel_size exactly once')]:
+        with pytest.raises(TypeError, match=match):
+            ODConv2d(*args, **kwargs)
+
+
+def test_wrong_input_channels_is_one_line():
+    layer = ODConv2d(8, 12, 3)
+    for x in (torch.randn(2, 5, 9, 9), torch.randn(8, 9, 9)):
+        with pytest.raises(ValueError, match=r'ODConv2d with in_channels=8 expects input \(batch, 8, height, width\), '
+                                             r'got shape \(') as info:
+            layer(x)
+        assert '\n' not in str(info.value)
+
+
+@pytest.mark.parametrize('attention_norm', ['batch', 'layer', 'none'])
+@pytest.mark.parametrize('kernel_num,groups,bias', [(1, 1, False), (4, 1, True), (4, 8, False)])
+def test_fuse_folds_batchnorms(kernel_num, groups, bias, attention_norm):
+    """fuse(bn): the attention's BatchNorm folded into its fc, `bn` into the kernel bank and the bias: the same
+    outputs in eval mode, no BatchNorm left; refused in training mode."""
+    torch.manual_seed(0)
+    layer = ODConv2d(8, 8, 3, padding=1, groups=groups, bias=bias, kernel_num=kernel_num,
+                     attention_norm=attention_norm).double()
+    bn = torch.nn.BatchNorm2d(8).double()
+    with pytest.raises(RuntimeError, match=r'call model.eval\(\)'):
+        layer.fuse(bn)
+    layer.eval(), bn.eval()
+    with torch.no_grad():
+        for norm in (bn, layer.attention.bn):
+            if isinstance(norm, torch.nn.BatchNorm2d):
+                norm.running_mean.normal_(), norm.running_var.uniform_(0.5, 2.), norm.weight.normal_()
+                norm.bias.normal_()
+        x = torch.randn(3, 8, 9, 9, dtype=torch.float64)
+        expected = bn(layer(x))
+        fused = layer.fuse(bn)
+        torch.testing.assert_close(fused(x), expected)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert fused.bias is not None and fused.weight.is_contiguous()
+
+
+def _train_steps(model, x, steps=3):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(steps):
+        loss = model(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.isfinite(loss)
+    return [name for (name, p), p0 in zip(model.named_parameters(), before) if torch.equal(p, p0)]
+
+
+@pytest.mark.parametrize('attention_norm', ['layer', 'none'])
+def test_batch_independent_attention_norm_trains_at_batch_one(attention_norm):
+    torch.manual_seed(0)
+    layer = ODConv2d(8, 12, 3, padding=1, kernel_num=4, attention_norm=attention_norm)
+    assert _train_steps(layer.train(), torch.randn(1, 8, 9, 9)) == []
+    model = _tiny('od_resnet18', kernel_num=2, attention_norm=attention_norm).train()
+    assert _train_steps(model, torch.randn(1, 3, 64, 64)) == []
+    assert not any(isinstance(m.attention.bn, torch.nn.BatchNorm2d) for m in model.modules()
+                   if isinstance(m, ODConv2d))
+    # a training batch gives every sample the outputs it gets alone (no statistics across the batch)
+    x = torch.randn(3, 8, 9, 9)
+    torch.testing.assert_close(layer(x)[1:2], layer(x[1:2]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
@@ -340,7 +459,7 @@ def test_blockwise_kernel_aggregation_matches_released_formulation(monkeypatch, 
 def test_batch_of_one_in_training_gives_clear_error():
     layer = _layer(8, 12, 3, 1, 1, 4, torch.float32)
     x = torch.randn(1, 8, 5, 5)
-    with pytest.raises(ValueError, match='training batch of 1.*drop_last'):
+    with pytest.raises(ValueError, match="training batch of 1.*drop_last.*attention_norm='layer'"):
         layer(x)
     layer.eval()
     assert layer(x).shape == (1, 12, 5, 5)

@@ -3,7 +3,8 @@
 Counted with torch.utils.flop_counter.FlopCounterMode (MACs = FLOPs / 2), which also counts the project's compiled
 dynamic-filter op (ops/ddf.py registers its FLOP formula), so the numbers can be checked against the papers' FLOPs /
 Madds. The model is built on the meta device (no memory, no arithmetic) when its forward allows it, else on CPU.
-Command line: scripts/model_info.py.
+`reparameterize=True` counts the deployment form (`timm.utils.reparameterize_model`: BatchNorms folded, DGConvs as
+the grouped convs of their gates). Command line: scripts/model_info.py.
 """
 import functools
 import logging
@@ -11,6 +12,7 @@ from typing import Optional, Sequence, Tuple
 
 import timm
 import torch
+from timm.utils import reparameterize_model
 from torch.utils.flop_counter import FlopCounterMode
 
 import models  # noqa: F401  (registers the project's models)
@@ -116,17 +118,28 @@ def create_counting_model(name: str, **kwargs) -> torch.nn.Module:
         return cli.create_model(name, **kwargs)
 
 
-def model_info(name: str, img_size: Optional[int] = None, depth: Optional[int] = None, **kwargs) -> dict:
+def model_info(
+        name: str,
+        img_size: Optional[int] = None,
+        depth: Optional[int] = None,
+        reparameterize: bool = False,
+        **kwargs,
+) -> dict:
     """Params (M) and GMACs of a registered model at its default (or the given) input size.
 
-    The count runs on the meta device; models whose forward needs real values are counted on CPU instead.
+    The count runs on the meta device; models whose forward (or reparameterization) needs real values are counted on
+    CPU instead. `reparameterize`: count the model's deployment form; a DGConv's groups follow its gates, random in a
+    fresh model (count a trained one with `count_params_and_macs(reparameterize_model(model.eval()), ...)`).
     """
+    def count(model):
+        model = reparameterize_model(model.eval()) if reparameterize else model
+        return count_params_and_macs(model, input_size, depth)
+
     model = create_counting_model(name, **kwargs)
     input_size = default_input_size(model, img_size)
     try:
-        params, macs = count_params_and_macs(model, input_size, depth)
+        params, macs = count(model)
     except (NotImplementedError, RuntimeError) as e:
         _logger.info(f'{name}: meta-device forward failed ({str(e).splitlines()[0]}); counting on CPU.')
-        model = timm.create_model(name, **kwargs)
-        params, macs = count_params_and_macs(model, input_size, depth)
+        params, macs = count(timm.create_model(name, **kwargs))
     return dict(model=name, params_m=params / 1e6, gmacs=macs / 1e9, input_size=input_size)
