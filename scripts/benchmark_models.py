@@ -153,6 +153,7 @@ def benchmark_model(
     _release_memory()
     torch._dynamo.reset()  # models of one class share `forward`'s compile cache (and its recompile limit)
     rss_base = _RssPeak().rss() if device.type == 'cpu' else 0
+    torch.manual_seed(0)  # the same weights in every row (a fresh G-ResNeXt's groups follow its random gates)
     module = timm.create_model(name, **kwargs).to(device)
     if reparameterize:
         module = reparameterize_model(module.eval(), inplace=True)

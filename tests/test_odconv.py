@@ -301,6 +301,18 @@ def test_built_from_conv2d_arguments_it_computes_that_conv(args, kwargs):
         torch.testing.assert_close(layer(x), conv(x))
 
 
+def test_padded_by_f_pad_the_attentions_still_see_the_unpadded_input():
+    """padding (1, 0) goes through F.pad, padding 1 through the op: same attentions (of the input as given), so the
+    first output is the second without its border columns."""
+    torch.manual_seed(0)
+    f_pad = ODConv2d(8, 12, 3, padding=(1, 0), bias=False, kernel_num=4).double().eval()
+    op_pad = ODConv2d(8, 12, 3, padding=1, bias=False, kernel_num=4).double().eval()
+    op_pad.load_state_dict(f_pad.state_dict())
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(f_pad(x), op_pad(x)[..., 1:-1])
+
+
 def test_release_and_project_argument_names():
     """The release's (in_planes, out_planes) and this project's (in_chs, out_chs) names build the same layer, with the
     release's parameter names."""
