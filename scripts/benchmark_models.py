@@ -16,8 +16,10 @@ baseline and against the same model in eager mode, and its first call of each ph
 apart from the warm-up and the timed batches.
 
 `--reparameterize` also runs every dynamic model in its deployment form (`timm.utils.reparameterize_model`, in the
-same process, inference only: a fused model is eval-only): a fused row follows each unfused one, with its speed
-against the unfused model ("vs unfused"; the same mode, eager or compiled).
+same process, inference only: a fused model is eval-only): a fused row follows each unfused one. Its "vs unfused" is
+measured apart, robust to a busy machine: both forms resident, timed in `--rounds` interleaved rounds (alternating
+which goes first) of `--iters` batches each, the median over the rounds of the unfused/fused time ratio (the same
+mode, eager or compiled).
 
 Usage:
     python scripts/benchmark_models.py --output benchmarks/models.md
@@ -33,6 +35,7 @@ import logging
 import os
 import platform
 import shlex
+import statistics
 import sys
 import threading
 import time
@@ -119,6 +122,21 @@ def _timed(step, device: torch.device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
+def _side_by_side(steps, device: torch.device, warmup: int, iters: int, rounds: int) -> float:
+    """Median over `rounds` of the time ratio steps[0] / steps[1], each round timing both (alternating which goes
+    first) over `iters` calls."""
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    ratios = []
+    for r in range(rounds):
+        first, second = (0, 1) if r % 2 == 0 else (1, 0)
+        times = {first: _timed(steps[first], device, 0, iters)}
+        times[second] = _timed(steps[second], device, 0, iters)
+        ratios.append(times[0] / times[1])
+    return statistics.median(ratios)
+
+
 def _phase(step, device: torch.device, warmup: int, iters: int, rss_base: int, compiled: bool):
     """(seconds per step, peak memory in bytes, seconds of the first call if `compiled` else None) of one phase."""
     compile_seconds = None
@@ -147,35 +165,44 @@ def benchmark_model(
         train: bool = True,
         compile_args: Optional[Dict[str, Any]] = None,
         reparameterize: bool = False,
+        rounds: int = 5,
 ) -> Dict[str, Any]:
     """Inference and training img/s and peak memory of one model at batch_size x 3 x img_size x img_size, eager or
-    under `torch.compile(**compile_args)`; `reparameterize`: its deployment form, inference only."""
+    under `torch.compile(**compile_args)`; `reparameterize`: its deployment form, inference only, and its speed-up
+    over the unfused model side by side (`_side_by_side` over `rounds`)."""
     _release_memory()
     torch._dynamo.reset()  # models of one class share `forward`'s compile cache (and its recompile limit)
     rss_base = _RssPeak().rss() if device.type == 'cpu' else 0
-    torch.manual_seed(0)  # the same weights in every row (a fresh G-ResNeXt's groups follow its random gates)
-    module = timm.create_model(name, **kwargs).to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device).contiguous(memory_format=memory_format)
+    autocast = partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else nullcontext
+
+    def build():
+        torch.manual_seed(0)  # the same weights in every row (a fresh G-ResNeXt's groups follow its random gates)
+        return timm.create_model(name, **kwargs).to(device, memory_format=memory_format)
+
+    def inference(module):
+        model = module.eval() if compile_args is None else torch.compile(module.eval(), **compile_args)
+
+        def infer():
+            with torch.inference_mode(), autocast():
+                model(x)
+        return model, infer
+
+    module = build()
     if reparameterize:
         module = reparameterize_model(module.eval(), inplace=True)
         train = False
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    module = module.to(memory_format=memory_format)
-    model = module if compile_args is None else torch.compile(module, **compile_args)
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device).contiguous(memory_format=memory_format)
+    model, infer = inference(module)
     target = torch.randint(0, model.num_classes, (batch_size,), device=device)
-    autocast = partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else nullcontext
-
-    module.eval()
-
-    def infer():
-        with torch.inference_mode(), autocast():
-            model(x)
-
     compiled = compile_args is not None
     result = dict(model=name, kwargs=kwargs, params_m=sum(p.numel() for p in module.parameters()) / 1e6,
                   compiled=compiled, fused=reparameterize)
     seconds, peak, compile_seconds = _phase(infer, device, warmup, iters, rss_base, compiled)
     result.update(infer_img_s=batch_size / seconds, infer_peak_mb=peak / 2 ** 20, infer_compile_s=compile_seconds)
+    if reparameterize:  # the unfused model rebuilt (same seed, same weights) and timed beside the fused one
+        result['infer_img_s_vs_unfused'] = _side_by_side(
+            [inference(build())[1], infer], device, warmup, iters, rounds)
     if train:
         module.train()
         optimizer = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
@@ -216,26 +243,22 @@ def run_benchmarks(args: argparse.Namespace) -> List[Dict[str, Any]]:
                     row = benchmark_model(
                         name, {**kwargs, **args.model_kwargs}, device, args.batch_size, args.img_size, args.warmup,
                         args.iters, amp_dtype=amp_dtype, channels_last=args.channels_last, train=not args.no_train,
-                        compile_args=compile_args, reparameterize=fused)
+                        compile_args=compile_args, reparameterize=fused, rounds=args.rounds)
                     row.update(family=family, kind=kind, baseline=baseline)
                     rows.append(row)
                     _logger.info(
                         f'  infer {row["infer_img_s"]:.1f} img/s' +
                         (f', train {row["train_img_s"]:.1f} img/s' if 'train_img_s' in row else ''))
 
-    def same_model(a, b):
-        return a['family'] == b['family'] and a['model'] == b['model'] and a['kwargs'] == b['kwargs']
-
     for row in rows:
         base = next(r for r in rows if r['family'] == row['family'] and r['kind'] == 'baseline'
                     and r['compiled'] == row['compiled'])
-        eager = next(r for r in rows if same_model(r, row) and r['fused'] == row['fused'] and not r['compiled'])
-        unfused = next(r for r in rows if same_model(r, row) and r['compiled'] == row['compiled'] and not r['fused'])
+        eager = next(r for r in rows if r['family'] == row['family'] and r['model'] == row['model']
+                     and r['kwargs'] == row['kwargs'] and r['fused'] == row['fused'] and not r['compiled'])
         for key in ('infer_img_s', 'train_img_s'):
             if key in row:
                 row[key + '_ratio'] = row[key] / base[key]
                 row[key + '_vs_eager'] = row[key] / eager[key]
-        row['infer_img_s_vs_unfused'] = row['infer_img_s'] / unfused['infer_img_s']
     return rows
 
 
@@ -273,8 +296,9 @@ def to_markdown(rows: List[Dict[str, Any]], args: argparse.Namespace, command: s
         lines.append('- Compiled rows: "vs baseline" against the compiled baseline, "vs eager" against the same model '
                      'in eager mode; "compile s" is the first call of each phase (inference / training).')
     if fused:
-        lines.append('- Fused rows: `timm.utils.reparameterize_model` (eval mode, inference only); "vs unfused" against '
-                     'the same model unfused, in the same mode.')
+        lines.append(f'- Fused rows: `timm.utils.reparameterize_model` (eval mode, inference only); "vs unfused": the '
+                     f'median over {args.rounds} interleaved rounds of {args.iters} batches of the unfused/fused time '
+                     f'ratio, both in the same mode.')
     header = ['family', 'model', 'kwargs']
     if compiled:
         header.append('mode')
@@ -331,6 +355,8 @@ def main(argv=None) -> int:
     parser.add_argument('--reparameterize', action='store_true',
                         help='also run every dynamic model reparameterized (timm.utils.reparameterize_model), '
                              'inference only')
+    parser.add_argument('--rounds', type=int, default=5,
+                        help='--reparameterize: interleaved rounds timing the unfused and the fused model')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                         help='key=value arguments added to every model (e.g. num_classes=10)')
     parser.add_argument('--output', default='', help='append the markdown section to this file')
@@ -342,7 +368,7 @@ def main(argv=None) -> int:
         parser.error('--device cuda: CUDA is not available on this machine; use --device cpu')
     if args.amp and args.amp_dtype == 'float16' and not args.device.startswith('cuda'):
         parser.error('--amp-dtype float16 is for CUDA; use bfloat16 on CPU')
-    for flag in ('batch_size', 'img_size', 'iters'):
+    for flag in ('batch_size', 'img_size', 'iters', 'rounds'):
         if getattr(args, flag) < 1:
             parser.error(f'--{flag.replace("_", "-")} must be at least 1')
     if args.torchcompile and args.torchcompile not in torch.compiler.list_backends(exclude_tags=()):
