@@ -227,7 +227,7 @@ class ODConv2d(nn.Module):
             raise ValueError(f'ODConv2d: in_channels ({in_channels}) and out_channels ({out_channels}) must be '
                              f'divisible by groups ({groups})')
         if padding_mode not in _PADDING_MODES:
-            raise ValueError(f'ODConv2d: padding_mode must be one of {tuple(_PADDING_MODES)}, got {padding_mode!r}')
+            raise ValueError(f'ODConv2d: padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}')
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _square(kernel_size, 'kernel_size')
