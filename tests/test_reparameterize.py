@@ -12,6 +12,7 @@ from timm.utils import reparameterize_model
 
 import models  # noqa: F401  (registers the models)
 from models._helpers import CheckpointError, load_weights
+from scripts import benchmark_models
 from tests.test_modes import FAMILIES, NUM_CLASSES, TINY_RESNET, _input
 from tools.info import count_params_and_macs, model_info
 
@@ -190,3 +191,21 @@ def test_model_info_reparameterizes_g_resnext_on_cpu():
     name, kwargs = FAMILIES['g_resnext']
     info = model_info(name, img_size=64, reparameterize=True, **kwargs)
     assert info['params_m'] < model_info(name, img_size=64, **kwargs)['params_m']
+
+
+def test_benchmark_models_fused_rows(tmp_path):
+    """--reparameterize: a fused row (inference only) after each dynamic model's row, with its side-by-side speed-up
+    over the unfused model; the baseline gets none."""
+    output = tmp_path / 'bench.md'
+    assert benchmark_models.main([
+        '--families', 'ddf', '--device', 'cpu', '--img-size', '32', '-b', '2', '--warmup', '0', '--iters', '1',
+        '--rounds', '1', '--reparameterize', '--model-kwargs', 'layers=(1, 1, 1, 1)', 'num_classes=10',
+        '--output', str(output)]) == 0
+    text = output.read_text()
+    header = next(line for line in text.splitlines() if line.startswith('| family |')).split('|')[1:-1]
+    rows = [dict(zip([h.strip() for h in header], [c.strip() for c in line.split('|')[1:-1]]))
+            for line in text.splitlines() if line.startswith('| ddf |')]
+    assert [r['model'] for r in rows] == ['`resnet50` (baseline)', '`ddf_mul_resnet50`', '`ddf_mul_resnet50` fused']
+    assert [r['vs unfused'] == '-' for r in rows] == [True, True, False] and float(rows[2]['vs unfused'][:-1]) > 0
+    assert rows[2]['train img/s'] == '-' and float(rows[1]['train img/s']) > 0
+    assert float(rows[2]['params (M)']) < float(rows[1]['params (M)'])
