@@ -112,8 +112,8 @@ class GResNet(ResNet):
         """The unweighted regularizer in the configured form; differentiable w.r.t. the gates (STE)."""
         layers = self.dgconv_layers().values()
         if not layers:
-            raise RuntimeError('this G-ResNeXt was reparameterized for inference (its DGConvs are plain grouped convs): '
-                               'train the model before timm.utils.reparameterize_model')
+            raise RuntimeError('this G-ResNeXt was reparameterized for inference (its DGConvs are plain grouped '
+                               'convs): train the model before timm.utils.reparameterize_model')
         if self.reg_form == 'raw':
             return torch.stack([m.regularizer() for m in layers]).sum()
         return torch.stack([m.regularizer() / m.in_channels ** 2 for m in layers]).mean()
