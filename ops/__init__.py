@@ -3,7 +3,9 @@
 `ddf` is the compiled op (needs ops._C, built by `pip install --no-build-isolation -e .`); `ddf_reference` has the
 same signature and semantics in plain PyTorch. `HAS_EXT` tells whether ops._C imported. Layers pick one of the two
 by name with `ddf_impl`. `odconv` (ops/odconv.py) is ODConv's convolution: its paths and the ops
-`dynconv::odconv_*` (Python custom ops, registered whether or not ops._C is built).
+`dynconv::odconv_*` (Python custom ops, registered whether or not ops._C is built). Every forward op also has an
+ATen decomposition in torch._decomp's table, beside its other registrations, which torch.onnx.export(dynamo=True)
+exports; torch.compile and torch.export keep the ops.
 """
 from typing import Callable
 

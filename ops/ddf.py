@@ -10,9 +10,10 @@ import math
 from typing import Optional
 
 import torch
+from torch._decomp import register_decomposition
 from torch.utils.flop_counter import register_flop_formula
 
-from .reference import check_ddf_args
+from .reference import check_ddf_args, conv_windows, filter_windows
 
 __all__ = ['ddf', 'HAS_EXT']
 
@@ -119,9 +120,20 @@ def _ddf_backward_flop(go_shape, x_shape, cf_shape, sf_shape, kernel_size, *args
     return 2 * grads * math.prod(go_shape) * kernel_size ** 2
 
 
+def _ddf_forward_decomposition(
+        features, channel_filter, spatial_filter, kernel_size, dilation, stride, head, kernel_combine):
+    """`dynconv::ddf_forward` in ATen ops, for torch.onnx.export(dynamo=True) (it replaces every op it cannot
+    translate by its entry in torch._decomp's table): `ddf_reference` with the windows of `conv_windows`."""
+    b, c, oh, ow = check_ddf_args(
+        features, channel_filter, spatial_filter, kernel_size, dilation, stride, head, kernel_combine)
+    windows = conv_windows(features, kernel_size, stride, (kernel_size - 1) // 2 * dilation, dilation, oh, ow)
+    return filter_windows(windows, channel_filter, spatial_filter, kernel_size, head, kernel_combine)
+
+
 if HAS_EXT:
     torch.library.register_fake('dynconv::ddf_forward')(_ddf_forward_fake)
     torch.library.register_fake('dynconv::ddf_backward')(_ddf_backward_fake)
     torch.library.register_autograd('dynconv::ddf_forward', _ddf_backward, setup_context=_ddf_setup_context)
     register_flop_formula(torch.ops.dynconv.ddf_forward)(_ddf_forward_flop)
     register_flop_formula(torch.ops.dynconv.ddf_backward)(_ddf_backward_flop)
+    register_decomposition(torch.ops.dynconv.ddf_forward.default)(_ddf_forward_decomposition)

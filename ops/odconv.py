@@ -41,10 +41,13 @@ call overhead loses). Times: CPU, 2 threads, batch 8.
 |                  | grouped)                             |
 
 A path named by `impl` runs on every call, whatever its sizes; `check_impl` refuses a path the conv's shape cannot
-take (`PATHS` gives what each needs), and per_sample and per_sample_op have no autograd (inference only). Under torch.compile and torch.export 'auto' runs one traceable formulation whose per-sample
-convolution is the op `dynconv::odconv_conv_forward` (the op, like the C++ kernels, picks its own loop); CPU
-inference of dense convs with several kernels runs the eager per-sample path as the op
-`dynconv::odconv_per_sample_forward`.
+take (`PATHS` gives what each needs), and per_sample and per_sample_op have no autograd (inference only). Under
+torch.compile and torch.export 'auto' runs one traceable formulation whose per-sample convolution is the op
+`dynconv::odconv_conv_forward` (the op, like the C++ kernels, picks its own loop); CPU inference of dense convs with
+several kernels runs the eager per-sample path as the op `dynconv::odconv_per_sample_forward`. torch.onnx.export
+(dynamo=True) replaces both ops by their decompositions in torch._decomp's table: 'traced' with the per-sample
+convolution as im2col and a batched matmul. torch.jit.trace is refused: its trace would keep the batch size of the
+example (the eager paths branch on it and loop over it).
 """
 import contextlib
 import functools
@@ -53,8 +56,11 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch._decomp import register_decomposition
 from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
+
+from .reference import conv_windows
 
 __all__ = ['odconv', 'choose_path', 'check_impl', 'PATHS']
 
@@ -316,6 +322,22 @@ register_flop_formula(torch.ops.dynconv.odconv_conv_forward)(_odconv_conv_flop)
 register_flop_formula(torch.ops.dynconv.odconv_conv_backward)(_odconv_conv_backward_flop)
 
 
+@register_decomposition(torch.ops.dynconv.odconv_conv_forward.default)
+def _odconv_conv_decomposition(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int,
+                               groups: int) -> torch.Tensor:
+    """`dynconv::odconv_conv_forward` in ATen ops for torch.onnx.export(dynamo=True), which decomposes the ops it
+    cannot translate by torch._decomp's global table: im2col columns (`conv_windows`) times the per-sample kernels,
+    a batched matmul. ONNX's Conv takes the group count as a constant, so groups = batch cannot follow a dynamic
+    batch."""
+    batch_size, in_chs = x.shape[:2]
+    out_chs, k = weight.shape[1], weight.shape[-1]
+    out_h, out_w = (_conv_output_size(size, k, stride, padding, dilation) for size in x.shape[2:])
+    cols = conv_windows(x, k, stride, padding, dilation, out_h, out_w)
+    cols = cols.reshape(batch_size, groups, in_chs // groups * k * k, out_h * out_w)
+    out = weight.to(x.dtype).reshape(batch_size, groups, out_chs // groups, -1) @ cols
+    return out.view(batch_size, out_chs, out_h, out_w).contiguous(memory_format=_memory_format(x))
+
+
 def _per_sample_conv(x: torch.Tensor, weight: torch.Tensor, channel: torch.Tensor, filter_: Optional[torch.Tensor],
                      spatial: Optional[torch.Tensor], kernel: Optional[torch.Tensor], stride: int, padding: int,
                      dilation: int) -> torch.Tensor:
@@ -374,6 +396,11 @@ def _odconv_per_sample_fake(x, weight, channel, filter_, spatial, kernel, stride
 register_flop_formula(torch.ops.dynconv.odconv_per_sample_forward)(_odconv_conv_flop)
 
 
+@register_decomposition(torch.ops.dynconv.odconv_per_sample_forward.default)
+def _odconv_per_sample_decomposition(x, weight, channel, filter_, spatial, kernel, stride, padding, dilation):
+    """`dynconv::odconv_per_sample_forward` in ATen ops (ONNX export, as `_odconv_conv_decomposition`): the traced
+    path, whose `dynconv::odconv_conv_forward` decomposes in turn."""
+    return _traced(x, weight, channel, filter_, spatial, kernel, stride, padding, dilation, 1)
 
 
 def _sample_weights(weight: torch.Tensor, spatial: Optional[torch.Tensor], kernel: Optional[torch.Tensor],
@@ -611,6 +638,9 @@ def odconv(
 
     `impl`: 'auto' (the module docstring's table) or a path name of `PATHS`, run as named.
     """
+    if torch.jit.is_tracing():
+        raise RuntimeError('ODConv cannot be traced by torch.jit.trace (the trace would keep the batch size of its '
+                           'example input): use torch.export.export, or torch.onnx.export(..., dynamo=True) for ONNX')
     if impl == 'auto':
         traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()
         impl = choose_path(x, weight, stride, padding, dilation, groups, traced)

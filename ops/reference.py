@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['ddf_reference', 'check_ddf_args']
+__all__ = ['ddf_reference', 'check_ddf_args', 'filter_windows', 'conv_windows']
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -100,24 +100,46 @@ def ddf_reference(
     """
     b, c, oh, ow = check_ddf_args(
         x, channel_filter, spatial_filter, kernel_size, dilation, stride, head, kernel_combine)
-    kk = kernel_size * kernel_size
     pad = (kernel_size - 1) // 2 * dilation
     # unfold gives ceil(H / s) positions starting at 0; the op keeps the first H // s (floor, as the original)
     cols = F.unfold(x, kernel_size, dilation=dilation, padding=pad, stride=stride)
     uh = (x.shape[2] - 1) // stride + 1
     uw = (x.shape[3] - 1) // stride + 1
-    cols = cols.view(b, head, c // head, kk, uh, uw)[..., :oh, :ow]
-    mul = kernel_combine == 'mul'
-    if channel_filter is not None:
-        cf = channel_filter.reshape(b, head, c // head, kk, 1, 1)
-    if spatial_filter is not None:
-        sf = spatial_filter.view(b, head, 1, kk, oh, ow)
-    if channel_filter is not None and spatial_filter is not None:
-        filt = sf * cf if mul else sf + cf
-    elif channel_filter is not None:
-        filt = cf
-    elif spatial_filter is not None:
-        filt = sf
+    cols = cols.view(b, c, kernel_size * kernel_size, uh, uw)[..., :oh, :ow]
+    return filter_windows(cols, channel_filter, spatial_filter, kernel_size, head, kernel_combine)
+
+
+def filter_windows(
+        windows: torch.Tensor,
+        channel_filter: Optional[torch.Tensor],
+        spatial_filter: Optional[torch.Tensor],
+        kernel_size: int,
+        head: int,
+        kernel_combine: str,
+) -> torch.Tensor:
+    """ddf from the input windows it reads (B, C, k * k, H // stride, W // stride) and its checked arguments: the sum
+    over the taps of each window times the per-pixel filter F. Returns (B, C, H // stride, W // stride)."""
+    b, c, kk, oh, ow = windows.shape
+    windows = windows.reshape(b, head, c // head, kk, oh, ow)
+    cf = None if channel_filter is None else channel_filter.reshape(b, head, c // head, kk, 1, 1)
+    sf = None if spatial_filter is None else spatial_filter.view(b, head, 1, kk, oh, ow)
+    if cf is not None and sf is not None:
+        filt = sf * cf if kernel_combine == 'mul' else sf + cf
     else:
-        return cols.sum(3).view(b, c, oh, ow) if mul else x.new_zeros(b, c, oh, ow)
-    return (cols * filt).sum(3).view(b, c, oh, ow)
+        filt = cf if sf is None else sf
+    if filt is None:
+        return windows.sum(3).view(b, c, oh, ow) if kernel_combine == 'mul' else windows.new_zeros(b, c, oh, ow)
+    return (windows * filt).sum(3).view(b, c, oh, ow)
+
+
+def conv_windows(x: torch.Tensor, kernel_size: int, stride: int, padding: int, dilation: int, out_h: int,
+                 out_w: int) -> torch.Tensor:
+    """im2col without unfold's gather: (B, C, k * k, out_h, out_w), element [b, c, u * k + v, i, j] =
+    x[b, c, i * stride + u * dilation - padding, j * stride + v * dilation - padding], zero outside x. Built from 2k
+    strided slices (k row windows, then k column windows of those): ONNX exports them as slices, where unfold
+    becomes a gather that onnxruntime ran 2-3x slower (the ops' ATen decompositions use this)."""
+    if padding:
+        x = F.pad(x, (padding,) * 4)
+    k, s, d = kernel_size, stride, dilation
+    rows = torch.stack([x[:, :, u * d:u * d + (out_h - 1) * s + 1:s] for u in range(k)], 2)
+    return torch.stack([rows[..., v * d:v * d + (out_w - 1) * s + 1:s] for v in range(k)], 3).flatten(2, 3)

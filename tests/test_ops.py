@@ -205,6 +205,38 @@ def test_odconv_backward_and_per_sample_ops_opcheck():
         torch.testing.assert_close(op(*args), odconv.odconv(*args, groups=1, impl='released'))
 
 
+def _decomposition_cases():
+    """(op, args) for every forward op: ddf with each filter combination, channels_last features; the ODConv
+    convolution's samples plus a strided 1x1; the ODConv inference op with and without its optional attentions."""
+    ddf_op = torch.ops.dynconv.ddf_forward.default
+    for (has_cf, has_sf), combine in itertools.product(FILTERS, ('mul', 'add')):
+        yield ddf_op, (*make_inputs((2, 4, 7, 9), 3, 2, 2, has_cf, has_sf), 3, 2, 2, 2, combine)
+    x, cf, sf = make_inputs((2, 4, 7, 9), 5, 1, 4)
+    yield ddf_op, (x.contiguous(memory_format=torch.channels_last), cf, sf, 5, 1, 1, 4, 'mul')
+    conv_op = torch.ops.dynconv.odconv_conv_forward.default
+    yield from ((conv_op, args) for args in _odconv_conv_samples(requires_grad=False))
+    yield conv_op, (torch.randn(3, 4, 9, 8, dtype=torch.float64), torch.randn(3, 6, 4, 1, 1, dtype=torch.float64),
+                    2, 0, 1, 1)
+    x, weight, stride, padding, dilation, _ = next(_odconv_conv_samples(requires_grad=False))
+    bank = torch.randn(2, 6, 4, 3, 3, dtype=torch.float64)
+    channel, filter_, spatial, kernel = (torch.rand(3, n, dtype=torch.float64) for n in (4, 6, 9, 2))
+    per_sample_op = torch.ops.dynconv.odconv_per_sample_forward.default
+    yield per_sample_op, (x, bank, channel, filter_, spatial, kernel, stride, padding, dilation)
+    yield per_sample_op, (x.contiguous(memory_format=torch.channels_last), bank[:1], channel, None, spatial, None,
+                          stride, padding, dilation)
+
+
+def test_decompositions_match_the_ops():
+    """Each forward op's ATen decomposition in torch._decomp's table, what torch.onnx.export(dynamo=True) exports
+    (tests/test_onnx.py) and what fake tensors with symbolic sizes run in place of the op's fake kernel, gives the
+    op's values, dtype and strides."""
+    for op, args in _decomposition_cases():
+        out = op(*args)
+        decomposed = torch._decomp.decomposition_table[op](*args)
+        torch.testing.assert_close(decomposed, out, msg=lambda m: f'{op}: {m}')
+        assert decomposed.stride() == out.stride(), op
+
+
 def test_compile_fullgraph():
     torch._dynamo.reset()
     x, cf, sf = make_inputs((2, 4, 8, 8), 3, 1, 2, dtype=torch.float32, requires_grad=True)
