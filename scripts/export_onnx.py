@@ -5,13 +5,14 @@ eager model at batch sizes the export did not trace: the largest output differen
 Usage:
     python scripts/export_onnx.py ddf_mul_resnet50 --checkpoint ddf_mul_resnet50.pth --output ddf_mul_resnet50.onnx
     python scripts/export_onnx.py od_resnet18 --model-kwargs kernel_num=4 --img-size 160 --batch-sizes 1 8
+    python scripts/export_onnx.py rednet26 --reparameterize    # the fused deployment form
 """
 import argparse
 import logging
 import sys
 
 import torch
-from timm.utils import ParseKwargs
+from timm.utils import ParseKwargs, reparameterize_model
 
 from models import load_weights
 from tools.info import default_input_size
@@ -25,6 +26,8 @@ def parse_args(argv=None):
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='key=value entrypoint args')
     parser.add_argument('--checkpoint', default='', help='weights to load (any format validate.py reads)')
     parser.add_argument('--use-ema', action='store_true', help="load the checkpoint's EMA weights")
+    parser.add_argument('--reparameterize', action='store_true',
+                        help='export the deployment form (timm.utils.reparameterize_model: BatchNorms folded)')
     parser.add_argument('--output', default='', help='the .onnx file to write (default: MODEL.onnx)')
     parser.add_argument('--img-size', type=int, default=None, help="square input size (default: the model cfg's)")
     parser.add_argument('--export-batch-size', type=int, default=2, help='batch size the export traces')
@@ -54,12 +57,15 @@ def main(argv=None) -> int:
         model = cli.create_model(args.model, **args.model_kwargs)
         if args.checkpoint:
             load_weights(model, args.checkpoint, use_ema=args.use_ema)
+    if args.reparameterize:
+        model = reparameterize_model(model.eval())
     input_size = default_input_size(model, args.img_size)
     output = args.output or f'{args.model}.onnx'
     export_onnx(model, output, input_size, args.export_batch_size)
     rows = check_onnx(model, output, input_size, args.batch_sizes, args.repeats)
-    print(f'{output}: {args.model} at {"x".join(map(str, input_size))}, exported at batch {args.export_batch_size}, '
-          f'{torch.get_num_threads()} CPU threads')
+    fused = ' (reparameterized)' if args.reparameterize else ''
+    print(f'{output}: {args.model}{fused} at {"x".join(map(str, input_size))}, exported at batch '
+          f'{args.export_batch_size}, {torch.get_num_threads()} CPU threads')
     print(f'{"batch":>5}  {"max abs diff":>12}  {"max rel diff":>12}  {"eager ms/img":>12}  {"ORT ms/img":>10}')
     for r in rows:
         print(f'{r["batch_size"]:>5}  {r["max_abs"]:>12.3e}  {r["max_rel"]:>12.3e}  {r["eager_ms"]:>12.2f}  '
