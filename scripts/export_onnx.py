@@ -9,6 +9,7 @@ Usage:
 """
 import argparse
 import logging
+import os
 import sys
 
 import torch
@@ -54,13 +55,20 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         if args.threads:
             torch.set_num_threads(args.threads)
+        output = args.output or f'{args.model}.onnx'
+        if not os.path.isdir(os.path.dirname(output) or '.'):
+            raise cli.UsageError(f'--output {output}: folder {os.path.dirname(output)} does not exist')
         model = cli.create_model(args.model, **args.model_kwargs)
         if args.checkpoint:
             load_weights(model, args.checkpoint, use_ema=args.use_ema)
+        input_size = default_input_size(model, args.img_size)
+        try:  # a size the model refuses (DDF-ResNets: multiples of 32) in its own words, not inside the exporter's
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, *input_size))
+        except ValueError as e:
+            raise cli.UsageError(f'{args.model} does not take a {input_size[1]}x{input_size[2]} input: {e}') from None
     if args.reparameterize:
-        model = reparameterize_model(model.eval())
-    input_size = default_input_size(model, args.img_size)
-    output = args.output or f'{args.model}.onnx'
+        model = reparameterize_model(model)
     export_onnx(model, output, input_size, args.export_batch_size)
     rows = check_onnx(model, output, input_size, args.batch_sizes, args.repeats)
     fused = ' (reparameterized)' if args.reparameterize else ''

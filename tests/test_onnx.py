@@ -123,6 +123,9 @@ def test_export_script_command_line(tmp_path, monkeypatch, capsys, caplog):
     (['g_resnxt50'], "unknown model 'g_resnxt50'; did you mean g_resnext50"),
     (['g_resnext50', '--checkpoint', 'missing.pth'], 'checkpoint missing.pth does not exist'),
     (['g_resnext50', '--batch-sizes', '0'], '--batch-sizes must be at least 1'),
+    (['g_resnext50', '--output', 'no/g.onnx'], '--output no/g.onnx: folder no does not exist'),
+    (['ddf_mul_resnet50', '--model-kwargs', *(f'{k}={v}'.replace(' ', '') for k, v in TINY_RESNET.items()),
+      '--img-size', '48'], 'ddf_mul_resnet50 does not take a 48x48 input: DDFPack with stride 2 needs'),
 ])
 def test_export_script_bad_input_is_one_line_and_exit_status_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
