@@ -3,7 +3,7 @@
 float32 outputs (max |diff| <= 1e-4 x max |eager|, the bound of tests/test_modes.py); a user's model built from the
 layers; scripts/export_onnx.py; and torch.jit.trace, which works at any batch or is refused in one line.
 
-Time: each export takes 3-30 s on the 2-core CPU machine (torch.export, then the exporter's decompositions and
+Time: each export takes 3-40 s on the 2-core CPU machine (torch.export, then the exporter's decompositions and
 onnxscript's optimizer; OD-MobileNetV2 the longest), 2.5-3.5 minutes for the file.
 """
 import warnings
